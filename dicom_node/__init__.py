@@ -1,0 +1,1 @@
+"""PACS-facing node: SCP, spool, completeness, routing, sending."""

@@ -1,0 +1,107 @@
+"""Completeness: a series is complete after a quiet period, or soon after its sender released the association."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+
+from dicom_node.route import Rule, SeriesHeader, route
+from dicom_node.spool import Spool
+from worker.jobs import JobState, SeriesJob, SeriesState, job_id_for
+from worker.logs import log_context
+from worker.settings import Settings
+from worker.state import JobRow, SeriesRow, State
+
+log = logging.getLogger(__name__)
+
+
+def is_complete(row: SeriesRow, now: float, *, quiet_s: float, grace_s: float, open_elsewhere: bool) -> bool:
+    """Quiet for quiet_s, or released after its last instance, grace_s ago, and not still open on another link."""
+    if now - row.last_received_at >= quiet_s:
+        return True
+    released = row.released_at is not None and row.released_at >= row.last_received_at
+    return released and not open_elsewhere and now - (row.released_at or 0.0) >= grace_s
+
+
+def destination_for(settings: Settings, calling_ae: str) -> str:
+    """Results go to the configured destination, else back to the sender when it is a known peer."""
+    if settings.destination:
+        return settings.destination
+    return calling_ae if settings.peer(calling_ae) else ""
+
+
+class Assembler:
+    """Background loop: closes complete series, writes manifests, records jobs, enqueues pending jobs."""
+
+    def __init__(self, settings: Settings, state: State, spool: Spool, rules: tuple[Rule, ...],
+                 enqueue: Callable[[SeriesJob], None], open_series: Callable[[], Collection[str]],
+                 maintain: Callable[[float], None] = lambda now: None, maintain_every_s: float = 10.0) -> None:
+        self._settings, self._state, self._spool, self._rules = settings, state, spool, rules
+        self._enqueue, self._open_series = enqueue, open_series
+        self._maintain, self._maintain_every_s, self._maintained_at = maintain, maintain_every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pacsai-assembler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.tick(time.time())
+            except Exception as exc:  # keep the loop alive; the next tick retries
+                log.error("assembler tick failed (%s)", type(exc).__name__)
+
+    def tick(self, now: float) -> None:
+        open_series = set(self._open_series())
+        for row in self._state.receiving_series():
+            if is_complete(row, now, quiet_s=self._settings.quiet_period_s, grace_s=self._settings.release_grace_s,
+                           open_elsewhere=row.series_key in open_series):
+                with log_context(study=row.study_key[:12], series=row.series_key[:12]):
+                    self._close(row)
+        self.enqueue_pending()
+        if now - self._maintained_at >= self._maintain_every_s:
+            self._maintained_at = now
+            self._maintain(now)
+
+    def _close(self, row: SeriesRow) -> None:
+        instances = self._state.series_instances(row.series_key)
+        header = SeriesHeader(
+            modality=str(row.header.get("Modality", "")), sop_class=str(row.header.get("SOPClassUID", "")),
+            body_part=str(row.header.get("BodyPartExamined", "")),
+            series_description=str(row.header.get("SeriesDescription", "")), instances=len(instances),
+            calling_ae=row.calling_ae, called_ae=row.called_ae)
+        models = route(self._rules, header)
+        destination = destination_for(self._settings, row.calling_ae)
+        if not models or not destination:
+            reason = "no model matches" if not models else "no destination for the calling AE"
+            self._state.close_series(row.series_key, SeriesState.NO_MODEL, reason, [])
+            self._spool.remove_series(row.study_key, row.series_key)
+            log.info("series complete, %d instances, %s: not processed, spool cleaned", len(instances), reason)
+            return
+        jobs = []
+        for model in models:
+            job_id = job_id_for(row.series_key, model, (key for key, _ in instances))
+            manifest = self._spool.write_manifest(row.study_key, row.series_key, job_id, [p for _, p in instances])
+            jobs.append(JobRow(job_id, row.series_key, row.study_key, model, manifest, destination,
+                               JobState.PENDING, "", 0))
+        new = self._state.close_series(row.series_key, SeriesState.COMPLETE, "", jobs)
+        log.info("series complete, %d instances, models %s, %d new job(s)", len(instances), ",".join(models),
+                 len(new))
+
+    def enqueue_pending(self) -> None:
+        """Put every pending job on the queue; a broker outage leaves them pending for the next tick."""
+        for row in self._state.jobs_in(JobState.PENDING):
+            try:
+                self._enqueue(row.to_job())
+            except Exception as exc:
+                log.warning("broker unavailable (%s); %s stays pending", type(exc).__name__, row.job_id[:8])
+                return
+            self._state.set_job(row.job_id, JobState.QUEUED)
+            log.info("job %s queued for model %s", row.job_id[:8], row.model)

@@ -1,0 +1,273 @@
+"""Audit trail: DICOM audit messages (PS3.15 A.5) for every access, one XML message per line, and optionally syslog.
+
+Studies are named by their study key (the keyed hash that also names them in logs and in the spool), never by a UID
+or a patient value, so the trail can leave the hospital network (a central syslog) without carrying patient data;
+`pacsai audit --study <Study Instance UID>` hashes the UID with the deployment's key to find a study's events.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import Protocol
+from xml.etree.ElementTree import Element, SubElement, tostring
+
+from dicom_node.status import Outcome as DimseOutcome
+from worker.peers import Peer, PeerTls
+from worker.settings import Settings
+from worker.state import JobRow
+
+log = logging.getLogger(__name__)
+Code = tuple[str, str, str]     # (code value, coding scheme designator, code meaning)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")   # not allowed in XML 1.0 (or a forged line): AE titles come from peers
+
+APPLICATION_ACTIVITY: Code = ("110100", "DCM", "Application Activity")
+INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED: Code = ("110105", "DCM", "DICOM Study Deleted")
+SECURITY_ALERT: Code = ("110113", "DCM", "Security Alert")
+USER_AUTHENTICATION: Code = ("110114", "DCM", "User Authentication")
+APPLICATION_START: Code = ("110120", "DCM", "Application Start")
+APPLICATION_STOP: Code = ("110121", "DCM", "Application Stop")
+LOGIN: Code = ("110122", "DCM", "Login")
+NODE_AUTHENTICATION: Code = ("110126", "DCM", "Node Authentication")
+APPLICATION: Code = ("110150", "DCM", "Application")
+DESTINATION: Code = ("110152", "DCM", "Destination Role ID")
+SOURCE: Code = ("110153", "DCM", "Source Role ID")
+STUDY_KEY: Code = ("study-key", "99PACSAI", "Study key (keyed hash of the Study Instance UID)")
+
+
+class Outcome(IntEnum):
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Participant:
+    """An ActiveParticipant: an AE title (or an address when the AE title is not known yet) and where it was."""
+
+    user_id: str
+    address: str = ""
+    requestor: bool = False
+    role: Code | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    event: Code
+    action: str                                   # C create, R read, U update, D delete, E execute
+    outcome: Outcome
+    participants: tuple[Participant, ...]
+    event_type: Code | None = None
+    description: str = ""                         # our words: counts, reasons; never values from a dataset
+    study_key: str = ""
+    sop_classes: tuple[tuple[str, int], ...] = ()  # (SOP Class UID, number of instances)
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def _code(parent: Element, tag: str, code: Code) -> None:
+    SubElement(parent, tag, {"csd-code": code[0], "codeSystemName": code[1], "originalText": code[2]})
+
+
+def to_xml(event: AuditEvent, source_id: str) -> str:
+    """The event as one line of XML in the DICOM audit message schema (PS3.15 A.5.1)."""
+    root = Element("AuditMessage")
+    ident = SubElement(root, "EventIdentification", {
+        "EventActionCode": event.action, "EventDateTime": event.at.isoformat(timespec="milliseconds"),
+        "EventOutcomeIndicator": str(int(event.outcome))})
+    _code(ident, "EventID", event.event)
+    if event.event_type:
+        _code(ident, "EventTypeCode", event.event_type)
+    if event.description:
+        SubElement(ident, "EventOutcomeDescription").text = _CONTROL.sub("?", event.description)
+    for who in event.participants:
+        attributes = {"UserID": _CONTROL.sub("?", who.user_id), "UserIsRequestor": str(who.requestor).lower()}
+        if who.address:
+            kind = "2" if _is_ip(who.address) else "1"        # IP address, else machine name
+            attributes |= {"NetworkAccessPointID": _CONTROL.sub("?", who.address), "NetworkAccessPointTypeCode": kind}
+        participant = SubElement(root, "ActiveParticipant", attributes)
+        if who.role:
+            _code(participant, "RoleIDCode", who.role)
+    source = SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source_id})
+    _code(source, "AuditSourceTypeCode", ("4", "DCM", "Application Server"))
+    if event.study_key:
+        study = SubElement(root, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": event.study_key, "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "3"})
+        _code(study, "ParticipantObjectIDTypeCode", STUDY_KEY)
+        for uid, count in event.sop_classes:
+            SubElement(study, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+    return tostring(root, encoding="unicode")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _us(settings: Settings, called: str = "", role: Code | None = None, *, requestor: bool = False) -> Participant:
+    return Participant(called or settings.ae_title, socket.gethostname(), requestor, role)
+
+
+def application(settings: Settings, *, started: bool) -> AuditEvent:
+    return AuditEvent(APPLICATION_ACTIVITY, "E", Outcome.SUCCESS, (_us(settings, role=APPLICATION),),
+                      APPLICATION_START if started else APPLICATION_STOP, f"pacsai node {os.getpid()}")
+
+
+def association_accepted(settings: Settings, calling: str, address: str, called: str, *, tls: bool) -> AuditEvent:
+    return AuditEvent(USER_AUTHENTICATION, "E", Outcome.SUCCESS,
+                      (Participant(calling, address, True, SOURCE), _us(settings, called, DESTINATION)), LOGIN,
+                      "association accepted" + (" over TLS" if tls else ""))
+
+
+def access_refused(settings: Settings, calling: str, address: str, called: str, why: str) -> AuditEvent:
+    """A refused association or TLS handshake (calling AE unknown, wrong address, no or untrusted certificate)."""
+    return AuditEvent(SECURITY_ALERT, "E", Outcome.MINOR_FAILURE,
+                      (Participant(calling or address, address, True), _us(settings, called)), NODE_AUTHENTICATION,
+                      f"refused: {why}")
+
+
+def instances_received(settings: Settings, calling: str, address: str, called: str, study_key: str,
+                       stored: Mapping[str, int], refused: int) -> AuditEvent:
+    """One event per study per association: instances stored (by SOP class) and refused."""
+    count = sum(stored.values())
+    return AuditEvent(INSTANCES_TRANSFERRED, "C", Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS,
+                      (Participant(calling, address, True, SOURCE), _us(settings, called, DESTINATION)),
+                      description=f"{count} instance(s) stored, {refused} refused", study_key=study_key,
+                      sop_classes=tuple(sorted(stored.items())))
+
+
+class _Sent(Protocol):
+    @property
+    def outcome(self) -> DimseOutcome: ...
+
+
+def results_sent(settings: Settings, study_key: str, peer: Peer, results: Sequence[_Sent]) -> AuditEvent:
+    ok = sum(1 for r in results if r.outcome in (DimseOutcome.SUCCESS, DimseOutcome.WARNING))
+    outcome = Outcome.SUCCESS if ok == len(results) else Outcome.MINOR_FAILURE
+    return AuditEvent(INSTANCES_TRANSFERRED, "C", outcome,
+                      (_us(settings, role=SOURCE, requestor=True), Participant(peer.ae_title, peer.host, False,
+                                                                               DESTINATION)),
+                      description=f"results: {ok} of {len(results)} file(s) accepted" + (" over TLS" if peer.tls
+                                                                                         else ""),
+                      study_key=study_key)
+
+
+def study_deleted(settings: Settings, study_key: str, series_key: str) -> AuditEvent:
+    return AuditEvent(STUDY_DELETED, "D", Outcome.SUCCESS, (_us(settings, requestor=True),),
+                      description=f"retention: series {series_key[:12]} inputs and results deleted",
+                      study_key=study_key)
+
+
+class AuditTrail:
+    """Appends each message as one line (O_APPEND, fsync) and, when configured, sends it to syslog (RFC 5424)."""
+
+    def __init__(self, path: Path, source_id: str, syslog: str = "", syslog_tls: PeerTls | None = None) -> None:
+        self.path, self._source_id = path, source_id
+        self._syslog = Syslog(syslog, syslog_tls) if syslog else None
+        self._lock = threading.Lock()
+
+    def record(self, event: AuditEvent) -> None:
+        """Never raises: an audit failure is logged as an error and does not stop the clinical flow."""
+        line = to_xml(event, self._source_id)
+        try:
+            with self._lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                try:
+                    os.write(fd, (line + "\n").encode("utf-8"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            log.error("ALERT: audit message not written (%s)", type(exc).__name__)
+        if self._syslog is not None:
+            self._syslog.send(line, failure=event.outcome is not Outcome.SUCCESS)
+
+
+class Syslog:
+    """RFC 5424 messages over UDP (RFC 5426), TCP or TLS (RFC 5425, octet-counted); best effort, reconnects."""
+
+    def __init__(self, target: str, tls: PeerTls | None) -> None:
+        self._transport, _, address = target.partition("://")
+        host, _, port = address.rpartition(":")
+        self._address = (host.strip("[]"), int(port))
+        self._tls = tls or PeerTls()
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def send(self, message: str, *, failure: bool) -> None:
+        priority = 10 * 8 + (4 if failure else 5)      # facility 10 (security/authorization), warning or notice
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        header = f"<{priority}>1 {stamp} {socket.gethostname()} pacsai {os.getpid()} IHE+RFC-3881 - "
+        payload = header.encode() + b"\xef\xbb\xbf" + message.encode("utf-8")
+        with self._lock:
+            for _attempt in range(2):
+                try:
+                    self._send(payload)
+                    return
+                except OSError as exc:
+                    self._close()
+                    failed = type(exc).__name__
+            log.warning("audit message not sent to syslog %s:%d (%s)", *self._address, failed)
+
+    def _send(self, payload: bytes) -> None:
+        if self._transport == "udp":
+            with socket.socket(_family(self._address[0]), socket.SOCK_DGRAM) as sock:
+                sock.sendto(payload, self._address)
+            return
+        if self._sock is None:
+            sock = socket.create_connection(self._address, timeout=5.0)
+            if self._transport == "tls":
+                context = ssl.create_default_context(cafile=self._tls.ca)
+                if self._tls.cert is not None and self._tls.key is not None:
+                    context.load_cert_chain(self._tls.cert, self._tls.key)
+                sock = context.wrap_socket(sock, server_hostname=self._address[0])
+            self._sock = sock
+        self._sock.sendall(f"{len(payload)} ".encode() + payload)
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+_trails: dict[tuple[Path, str, str], AuditTrail] = {}
+
+
+def trail_for(settings: Settings) -> AuditTrail:
+    """This process's trail for these settings (made once)."""
+    key = (settings.audit_path, settings.audit_syslog, settings.ae_title)
+    if key not in _trails:
+        tls = PeerTls(ca=settings.tls_ca, cert=settings.tls_client_cert, key=settings.tls_client_key)
+        _trails[key] = AuditTrail(settings.audit_path, f"{settings.ae_title}@{socket.gethostname()}",
+                                  settings.audit_syslog, tls)
+    return _trails[key]
+
+
+def record_sent(settings: Settings, job: JobRow | None, peer: Peer, results: Sequence[_Sent]) -> None:
+    """One line in the delivery task: audit one attempt that reached the peer (nothing to audit without files)."""
+    if results:
+        trail_for(settings).record(results_sent(settings, job.study_key if job else "", peer, results))
+
+
+def record_deleted(settings: Settings, study_key: str, series_key: str) -> None:
+    """One line in the cleaner: audit the deletion of a series' files after retention."""
+    trail_for(settings).record(study_deleted(settings, study_key, series_key))

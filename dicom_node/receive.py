@@ -1,0 +1,216 @@
+"""SCP: C-ECHO and C-STORE for every storage SOP class; each instance is durable before we answer success.
+
+Who may associate is decided in `access` (called/calling AE title, source address), TLS in `tls`; every accepted or
+refused association and, per study and association, the instances received are written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import audit, status
+from dicom_node.access import AccessPolicy, Gatekeeper, requested_titles
+from dicom_node.audit import AuditTrail
+from dicom_node.guard import GuardedServer
+from dicom_node.metrics import INSTANCES
+from dicom_node.spool import InvalidUid, Spool, SpoolFull, check_uid
+from dicom_node.tls import ReloadingContext, TlsServer
+from dicom_node.validate import check_instance
+from worker.errors import ConfigError
+from worker.logs import key_of
+from worker.settings import Settings
+from worker.state import State
+
+log = logging.getLogger(__name__)
+_HEADER_KEYWORDS = ("Modality", "SOPClassUID", "BodyPartExamined", "SeriesDescription")
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """Turn Nagle off: DIMSE is request/response with small PDUs, Nagle costs ~40 ms per instance."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Associations:
+    """Which series each open association has sent, so a release can close exactly those; and, for the audit
+    trail, what it sent per study: instances stored by SOP class, instances refused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[int, set[str]] = {}
+        self._tallies: dict[int, dict[str, tuple[dict[str, int], list[int]]]] = {}
+
+    def add(self, assoc: Any, series_key: str) -> None:
+        with self._lock:
+            self._series.setdefault(id(assoc), set()).add(series_key)
+
+    def tally(self, assoc: Any, study_key: str, sop_class: str, *, stored: bool) -> None:
+        with self._lock:
+            by_class, refused = self._tallies.setdefault(id(assoc), {}).setdefault(study_key, ({}, [0]))
+            if stored:
+                by_class[sop_class] = by_class.get(sop_class, 0) + 1
+            else:
+                refused[0] += 1
+
+    def pop(self, assoc: Any) -> set[str]:
+        with self._lock:
+            return self._series.pop(id(assoc), set())
+
+    def pop_tallies(self, assoc: Any) -> dict[str, tuple[dict[str, int], int]]:
+        """study key ('' when the study UID was unreadable) → (stored instances by SOP class, refused count)."""
+        with self._lock:
+            tallies = self._tallies.pop(id(assoc), {})
+        return {study: (by_class, refused[0]) for study, (by_class, refused) in tallies.items()}
+
+    def open_series(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._series.values()) if self._series else set()
+
+
+def header_of(ds: Dataset) -> dict[str, str]:
+    """The few routing attributes we keep in the database (no patient data)."""
+    return {keyword: str(ds.get(keyword, "") or "") for keyword in _HEADER_KEYWORDS}
+
+
+def _study_uid_of(event: evt.Event) -> str:
+    try:
+        return check_uid("StudyInstanceUID", event.dataset.get("StudyInstanceUID"))
+    except Exception:   # unreadable dataset or invalid UID: the refusal is tallied under an unknown study
+        return ""
+
+
+class StoreHandler:
+    """C-STORE: validate UIDs, spool durably, record, then answer; tally the outcome per study for the audit."""
+
+    def __init__(self, spool: Spool, state: State, associations: Associations, log_key: bytes = b"") -> None:
+        self._spool, self._state, self._associations = spool, state, associations
+        self._log_key = log_key
+
+    def __call__(self, event: evt.Event) -> int:
+        code = self._store(event)
+        study_uid = _study_uid_of(event)
+        self._associations.tally(event.assoc, key_of(self._log_key, study_uid) if study_uid else "",
+                                 str(event.context.abstract_syntax), stored=code == status.SUCCESS)
+        return code
+
+    def _store(self, event: evt.Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        try:
+            ds = event.dataset
+            study_uid = check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
+            series_uid = check_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
+            sop_uid = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
+            if sop_uid != str(getattr(event.request, "AffectedSOPInstanceUID", "")):
+                log.warning("refused instance from %s: SOPInstanceUID differs from the command's", calling)
+                return status.DATASET_DOES_NOT_MATCH
+            header = header_of(ds)
+            encoded = event.encoded_dataset()
+            refusal = check_instance(ds, len(encoded), transfer_syntax=str(event.context.transfer_syntax))
+        except InvalidUid as exc:
+            log.warning("refused instance from %s: %s", calling, exc)
+            return status.CANNOT_UNDERSTAND
+        except RecursionError:  # C5: pydicom parses undefined-length sequences recursively
+            log.warning("refused instance from %s: sequences nested too deep to decode", calling)
+            return status.CANNOT_UNDERSTAND
+        except Exception as exc:  # malformed dataset: pydicom errors may quote values, so log the type only
+            log.warning("refused instance from %s: unreadable dataset (%s)", calling, type(exc).__name__)
+            return status.CANNOT_UNDERSTAND
+        if refusal is not None:
+            log.warning("refused instance from %s: %s (0x%04X)", calling, refusal.reason, refusal.status)
+            return refusal.status
+        try:
+            stored = self._spool.put(study_uid, series_uid, sop_uid, encoded)
+            self._state.record_instance(sop_key=stored.sop_key, series_key=stored.series_key,
+                                        study_key=stored.study_key, path=stored.path, calling_ae=calling,
+                                        called_ae=requested_titles(event)[1], header=header)
+        except SpoolFull:
+            log.warning("refused instance from %s: spool disk under its reserve", calling)
+            return status.OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("refused instance from %s: spool write failed (%s)", calling, type(exc).__name__)
+            return status.OUT_OF_RESOURCES
+        self._associations.add(event.assoc, stored.series_key)
+        return status.SUCCESS
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    # behind the access policy (EVT_REQUESTED), pynetdicom's own AE-title checks stay on as a second line
+    ae.require_called_aet = not settings.ae_titles     # several AE titles: only the policy can check the called one
+    if not settings.allow_any_caller:
+        if not settings.callers:
+            raise ConfigError("no caller may connect: set PACSAI_PEERS or PACSAI_ALLOWED_CALLERS "
+                              "(or PACSAI_ALLOW_ANY_CALLER=true for a lab)")
+        ae.require_calling_aet = list(settings.callers)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    ae.maximum_associations = 16
+    return ae
+
+
+def serve(settings: Settings, state: State, spool: Spool, associations: Associations,
+          on_released: Callable[[list[str]], None], trail: AuditTrail) -> list[ThreadedAssociationServer]:
+    """Start the SCP (plain port, TLS port, or both) in background threads; return the servers (.shutdown() stops)."""
+    store_instance = StoreHandler(spool, state, associations, settings.log_key)
+    gate = Gatekeeper(settings, AccessPolicy(settings), trail)
+
+    def store(event: evt.Event) -> int:
+        code = store_instance(event)
+        INSTANCES.labels(outcome="success" if code == status.SUCCESS else f"0x{code:04X}").inc()
+        return code
+
+    def ended(event: evt.Event) -> list[str]:
+        """Released, aborted or dropped: audit what the association sent, per study (once: the tallies are popped)."""
+        calling, called = requested_titles(event)
+        for study_key, (stored, refused) in associations.pop_tallies(event.assoc).items():
+            trail.record(audit.instances_received(settings, calling, str(event.assoc.requestor.address), called,
+                                                  study_key, stored, refused))
+        return sorted(associations.pop(event.assoc))
+
+    def released(event: evt.Event) -> None:
+        on_released(ended(event))
+
+    handlers: list[Any] = [(evt.EVT_C_STORE, store), (evt.EVT_C_ECHO, lambda event: status.SUCCESS),
+                           (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_RELEASED, released),
+                           (evt.EVT_ABORTED, ended), (evt.EVT_CONN_CLOSE, ended),   # the quiet period decides
+                           (evt.EVT_REQUESTED, gate.requested), (evt.EVT_REJECTED, gate.rejected),
+                           (evt.EVT_ACCEPTED, gate.accepted)]
+    ae = build_ae(settings)
+    context = ReloadingContext(settings) if settings.tls_cert is not None else None   # wrong files: stop here
+    servers: list[ThreadedAssociationServer] = []
+    if not settings.tls_only:
+        servers.append(_run(ae, ae.make_server((settings.bind_host, settings.port), evt_handlers=handlers,
+                                               server_class=GuardedServer)))
+    if context is not None:
+        tls_server = cast(TlsServer, ae.make_server((settings.bind_host, settings.tls_port), evt_handlers=handlers,
+                                                    server_class=TlsServer))
+        tls_server.tls, tls_server.on_refused = context, gate.tls_refused
+        servers.append(_run(ae, tls_server))
+        log.info("DICOM over TLS on %s:%d%s", settings.bind_host, settings.tls_port,
+                 " (mutual: callers need a certificate)" if settings.tls_ca else "")
+    for server in servers:
+        if isinstance(server, GuardedServer):
+            server.per_address_limit = settings.max_connections_per_address
+    log.info("listening as %s on %s:%d%s", "/".join(settings.our_ae_titles), settings.bind_host,
+             settings.tls_port if settings.tls_only else settings.port, " (TLS only)" if settings.tls_only else "")
+    return servers
+
+
+def _run(ae: AE, server: ThreadedAssociationServer) -> ThreadedAssociationServer:
+    ae._servers.append(server)   # so ae.shutdown() stops it, as start_server() would
+    threading.Thread(target=server.serve_forever, name=f"pacsai-scp-{server.server_address[1]}", daemon=True).start()
+    return server

@@ -1,0 +1,31 @@
+"""DIMSE status codes we answer with on purpose, and how we classify the ones a PACS answers us."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700             # C-STORE: refused, out of resources (spool full, reserve crossed)
+DATASET_DOES_NOT_MATCH = 0xA900       # C-STORE: dataset does not match SOP class / command
+CANNOT_UNDERSTAND = 0xC000            # C-STORE: cannot understand (malformed header, invalid UIDs)
+PIXELS_TOO_LARGE = 0xC001             # C-STORE: decoded pixel data over the size cap (never fits: not 0xA7xx)
+NO_DECODER = 0xC002                   # C-STORE: pixel data in a transfer syntax no decoder exists for
+PROCESSING_FAILURE = 0x0110           # unexpected internal failure while storing
+
+
+class Outcome(Enum):
+    SUCCESS = "success"
+    WARNING = "warning"               # stored with coercion etc.: counts as delivered
+    TRANSIENT = "transient"           # retry later (0xA7xx out of resources, 0x0122-style busy)
+    PERMANENT = "permanent"           # never retry (0xA9xx, 0xCxxx, other failures)
+
+
+def classify(status: int) -> Outcome:
+    """Classify a C-STORE response status from a peer (PS3.4 B.2.3, PS3.7 C)."""
+    if status == SUCCESS:
+        return Outcome.SUCCESS
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return Outcome.WARNING
+    if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0xFE00):
+        return Outcome.TRANSIENT
+    return Outcome.PERMANENT

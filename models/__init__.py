@@ -1,0 +1,1 @@
+"""Model registry: specs, networks and shipped weights."""

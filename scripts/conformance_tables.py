@@ -1,0 +1,32 @@
+"""Print the SOP class and transfer syntax tables of docs/conformance.md from what the node really accepts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydicom.uid import UID  # noqa: E402
+
+from dicom_node.receive import build_ae  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+
+def main() -> int:
+    ae = build_ae(Settings.from_env({"PACSAI_DATA_DIR": "/tmp/pacsai-conformance", "PACSAI_ALLOW_ANY_CALLER": "true"}))
+    syntaxes: dict[str, str] = {}
+    print("| SOP class | UID | role |\n|---|---|---|")
+    for context in ae.supported_contexts:
+        uid = UID(context.abstract_syntax)
+        print(f"| {uid.name} | `{uid}` | SCP |")
+        for ts in context.transfer_syntax:
+            syntaxes[ts] = UID(ts).name
+    print("\n| transfer syntax | UID |\n|---|---|")
+    for ts, name in syntaxes.items():
+        print(f"| {name} | `{ts}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

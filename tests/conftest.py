@@ -1,0 +1,102 @@
+"""Shared fixtures: real services on free loopback ports; missing services skip locally and fail in CI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import SHARED, Process, ServiceMissing, require_binary, start_redis
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(binary: str) -> str:
+    """Return the binary's path; skip the test when it is missing, except in CI where that is a failure."""
+    try:
+        return require_binary(binary)
+    except ServiceMissing as exc:
+        if IN_CI:
+            pytest.fail(f"{exc} (CI=true: a missing service is a failure)")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "dicom").is_dir():
+        if IN_CI:
+            pytest.fail(f"shared test data not found at {SHARED}")
+        pytest.skip(f"shared test data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def ct_series(shared: Path) -> Path:
+    return shared / "dicom" / "totalsegmentator-ct-abdomen"
+
+
+@pytest.fixture()
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    need("redis-server")
+    proc: Process
+    proc, url = start_redis(tmp_path / "redis")
+    yield url
+    proc.stop()
+
+
+POSTGRES_ADMIN_URL = os.environ.get("PACSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database for State: a SQLite file, or a new PostgreSQL database on the machine's server."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "state.db")
+        return
+    import uuid
+
+    import psycopg
+
+    name = f"pacsai_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL} ({type(exc).__name__})")
+        pytest.skip("PostgreSQL not reachable")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+_catalogue_results: dict[str, dict[str, object]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Record the outcome of tests marked with fault-catalogue ids (for scripts/reliability_report.py)."""
+    ids = getattr(report, "catalogue_ids", None)
+    if not ids or (report.when != "call" and not (report.when == "setup" and not report.passed)):
+        return
+    entry = _catalogue_results.setdefault(report.nodeid, {"ids": ids, "outcome": "passed"})
+    if not report.passed:
+        entry["outcome"] = report.outcome
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    report.catalogue_ids = [i for mark in item.iter_markers("catalogue") for i in mark.args]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    target = os.environ.get("PACSAI_RELIABILITY_JSON")
+    if target:
+        import json
+
+        Path(target).write_text(json.dumps(_catalogue_results, indent=1))

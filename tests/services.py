@@ -1,0 +1,226 @@
+"""Real peers for tests and the demo: redis-server, Orthanc, dcmtk storescp, and pacsai node/worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PACSAI_SHARED_DIR", REPO.parent / "shared"))
+ORTHANC_LUA = REPO / "deploy" / "orthanc" / "pacsai-autoroute.lua"
+
+
+class ServiceMissing(RuntimeError):
+    """A binary the test needs is not installed."""
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        raise ServiceMissing(f"{name} is not installed (run scripts/setup.sh)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Process:
+    """A child process with its output in a log file; stop() terminates it (kill() for SIGKILL)."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def spawn(name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None) -> Process:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    handle = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+    handle.close()
+    return Process(name, popen, log_path)
+
+
+def start_redis(workdir: Path, *, appendonly: bool = True, port: int = 0) -> tuple[Process, str]:
+    port = port or free_port()
+    argv = [require_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "", "--appendonly", "yes" if appendonly else "no", "--maxmemory-policy", "noeviction"]
+    proc = spawn("redis", argv, workdir)
+    wait_until(lambda: port_open(port), 20, "redis-server")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@dataclass
+class Orthanc:
+    """Debian's Orthanc on loopback ports, driven over its REST API."""
+
+    process: Process
+    http_port: int
+    dicom_port: int
+    ae_title: str = "ORTHANC"
+    base: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base = f"http://127.0.0.1:{self.http_port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        req = urllib.request.Request(self.base + path, data=body, method=method)
+        with urllib.request.urlopen(req, timeout=60) as response:
+            payload = response.read()
+        return json.loads(payload) if payload[:1] in (b"{", b"[") else payload
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/instances", path.read_bytes())
+        return result
+
+    def series_of_study(self, study_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", f"/studies/{study_id}/series?expand")
+        return result
+
+    def wait_for_modalities(self, study_id: str, modalities: set[str], timeout_s: float) -> list[dict[str, Any]]:
+        def ready() -> list[dict[str, Any]] | None:
+            series = self.series_of_study(study_id)
+            found = {s["MainDicomTags"].get("Modality") for s in series}
+            return series if modalities <= found else None
+
+        result: list[dict[str, Any]] = wait_until(ready, timeout_s, f"{sorted(modalities)} in Orthanc", 1.0)
+        return result
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_orthanc(workdir: Path, *, modalities: Mapping[str, tuple[str, str, int]], stable_age_s: int = 2,
+                  lua: Path | None = ORTHANC_LUA) -> Orthanc:
+    binary = require_binary("Orthanc")
+    http_port, dicom_port = free_port(), free_port()
+    storage = workdir / "orthanc-db"
+    config = {
+        "Name": "pacsai-test-pacs", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port, "AllowStore": True}
+                            for name, (aet, host, port) in modalities.items()},
+        "StableAge": stable_age_s, "LuaScripts": [str(lua)] if lua else [],
+        "Plugins": ["/usr/share/orthanc/plugins"] if Path("/usr/share/orthanc/plugins").is_dir() else [],
+        "DicomWeb": {"Enable": True}, "ConcurrentJobs": 2,
+    }
+    config = {key: value for key, value in config.items() if value is not None}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+    proc = spawn("orthanc", [binary, str(workdir / "orthanc.json")], workdir, {"TCP_NODELAY": "1"})
+    orthanc = Orthanc(proc, http_port, dicom_port)
+
+    def up() -> bool:
+        try:
+            orthanc.request("GET", "/system")
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {proc.log()[-2000:]}") from None
+            return False
+
+    wait_until(up, 60, "Orthanc REST API")
+    return orthanc
+
+
+def start_storescp(workdir: Path, ae_title: str = "STORESCP", port: int = 0) -> tuple[Process, int, Path]:
+    """dcmtk storescp as a stand-in PACS; received files land in workdir/received."""
+    port = port or free_port()
+    received = workdir / "received"
+    received.mkdir(parents=True, exist_ok=True)
+    argv = [require_binary("storescp"), "-aet", ae_title, "-od", str(received), "+xa", str(port)]
+    proc = spawn("storescp", argv, workdir, {"TCP_NODELAY": "1"})
+    wait_until(lambda: port_open(port), 20, "storescp")
+    return proc, port, received
+
+
+def pacsai_env(data_dir: Path, *, port: int, peers: str, broker_url: str = "", **extra: str) -> dict[str, str]:
+    env = {"PACSAI_DATA_DIR": str(data_dir), "PACSAI_PORT": str(port), "PACSAI_BIND_HOST": "127.0.0.1",
+           "PACSAI_PEERS": peers, "PACSAI_QUIET_PERIOD_S": "10", "PACSAI_RELEASE_GRACE_S": "1",
+           "PACSAI_SPOOL_RESERVE_MB": "64", "PACSAI_LOG_KEY": "test-log-key", "PACSAI_SEND_BACKOFF_S": "1",
+           "PYTHONUNBUFFERED": "1", **extra}
+    if broker_url:
+        env["PACSAI_BROKER_URL"] = broker_url
+    return env
+
+
+def start_pacsai(command: str, workdir: Path, env: Mapping[str, str]) -> Process:
+    """Start `pacsai node`, `pacsai worker` or `pacsai run` as a process with the given PACSAI_* environment."""
+    proc = spawn(f"pacsai-{command}", [sys.executable, "-m", "dicom_node.cli", command], workdir,
+                 {**env, "PYTHONPATH": str(REPO)})
+    if command in ("node", "run"):
+        port = int(env["PACSAI_PORT"])
+
+        def listening() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"pacsai node exited: {proc.log()[-3000:]}")
+            return port_open(port)
+
+        wait_until(listening, 60, "pacsai node")
+    return proc
+
+
+@contextmanager
+def supervised(*started: Process) -> Iterator[list[Process]]:
+    """Stop every process appended to the list at the end; print their logs when the block fails."""
+    processes = list(started)
+    try:
+        yield processes
+    except BaseException:
+        for proc in processes:
+            print(f"----- {proc.name} log -----\n{proc.log()[-6000:]}")
+        raise
+    finally:
+        for proc in reversed(processes):
+            proc.stop()

@@ -1,0 +1,44 @@
+"""Settings from PACSAI_* variables: defaults that work, and errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import Peer, Settings
+
+
+def test_defaults_work_on_one_machine(tmp_path: Path) -> None:
+    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path)})
+    assert settings.port == 11112 and settings.ae_title == "PACSAI"
+    assert settings.broker_url == "" and settings.quiet_period_s == 10.0
+    assert settings.routes_file.is_file() and settings.models_dir.is_dir()
+    assert settings.spool_dir == tmp_path / "spool"
+
+
+def test_peers_and_callers(tmp_path: Path) -> None:
+    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path), "PACSAI_PEERS": "ORTHANC@10.0.0.5:4242, B@h:1"})
+    assert settings.peers == (Peer("ORTHANC", "10.0.0.5", 4242), Peer("B", "h", 1))
+    assert settings.callers == ("ORTHANC", "B")
+    assert settings.peer("B") == Peer("B", "h", 1) and settings.peer("X") is None
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("PACSAI_PORT", "70000"), ("PACSAI_PORT", "eleven"), ("PACSAI_PEERS", "ORTHANC@host"),
+    ("PACSAI_PEERS", "A\\B@h:1"), ("PACSAI_AE_TITLE", "THIS-AE-TITLE-IS-TOO-LONG"), ("PACSAI_QUIET_PERIOD_S", "0"),
+    ("PACSAI_ALLOW_ANY_CALLER", "maybe"), ("PACSAI_DEVICE", "tpu"), ("PACSAI_ROUTES_FILE", "/nonexistent.yaml"),
+    ("PACSAI_LOG_LEVEL", "loud"), ("PACSAI_SPOOL_RESERVE_MB", "-1"),
+])
+def test_a_wrong_value_names_its_variable(variable: str, value: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path), variable: value})
+
+
+def test_log_key_is_made_once_and_kept(tmp_path: Path) -> None:
+    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path)})
+    first, second = settings.with_log_key(), settings.with_log_key()
+    assert first.log_key and first.log_key == second.log_key
+    assert (tmp_path / "log.key").stat().st_mode & 0o077 == 0
+    assert first.log_key.decode() not in repr(first)

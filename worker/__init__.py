@@ -1,0 +1,1 @@
+"""GPU/CPU worker: Celery app, tasks, series loading, inference, SEG/SR encoding."""

@@ -1,0 +1,65 @@
+"""Job messages: small JSON dicts of our own ids and spool-relative paths, never pixels or patient data."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+
+class JobState(Enum):
+    PENDING = "pending"        # recorded, not yet on the queue
+    QUEUED = "queued"
+    RUNNING = "running"
+    ENCODED = "encoded"        # results written to the outbox
+    DELIVERED = "delivered"
+    FAILED = "failed"          # not retryable: reason recorded
+    DEAD = "dead"              # retries exhausted: reason recorded
+
+
+class SeriesState(Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"      # jobs created
+    NO_MODEL = "no_model"
+    PURGED = "purged"          # jobs ended and retention passed: spooled files deleted
+
+
+def job_id_for(series_key: str, model: str, instance_keys: Iterable[str]) -> str:
+    """Job identity = (series, model, exact instance set): the same input never becomes two jobs."""
+    digest = hashlib.sha256("\x1f".join((series_key, model, *sorted(instance_keys))).encode()).hexdigest()
+    return digest[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesJob:
+    """One model run on one series; `manifest` is relative to the spool directory."""
+
+    job_id: str
+    study_key: str
+    series_key: str
+    model: str
+    manifest: str
+    destination: str
+
+    def to_message(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, str]) -> SeriesJob:
+        return cls(**{name: str(message[name]) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Results of one job waiting in the outbox for one destination."""
+
+    job_id: str
+    destination: str
+
+    def to_message(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, str]) -> Delivery:
+        return cls(job_id=str(message["job_id"]), destination=str(message["destination"]))

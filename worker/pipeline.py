@@ -1,0 +1,149 @@
+"""One job, in order: manifest → load series → infer → encode SEG + SR → write to the outbox."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from billiard.exceptions import SoftTimeLimitExceeded
+import highdicom as hd
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from dicom_node.spool import Spool, write_atomic
+from models.bundle import BundleError, run_bundle
+from models.registry import LoadedModel, load_model, load_spec, pick_device
+from models.spec import Task
+from worker import classify, encode_sc, encode_seg, encode_sr, infer, load, load_image
+from worker.errors import ModelError, StudyRejected
+from worker.jobs import SeriesJob
+from worker.settings import Settings
+from worker.uids import output_uids
+from worker.volume import Volume
+
+log = logging.getLogger(__name__)
+SOFTWARE_VERSION = "pacsai 0.1.0"
+_warm: dict[str, LoadedModel] = {}   # one load per worker process, reused by every job
+_ROLE = {"1.2.840.10008.5.1.4.1.1.7": "sc", "1.2.840.10008.5.1.4.1.1.7.4": "sc"}   # secondary captures: "sc.dcm"
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    files: tuple[Path, ...]
+    segments: int
+
+
+def warm_model(name: str, settings: Settings) -> LoadedModel:
+    if name not in _warm:
+        started = time.monotonic()
+        try:
+            spec = load_spec(name, settings.models_dir)
+            _warm[name] = load_model(spec, pick_device(settings.device))
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            raise ModelError(f"model {name} cannot be loaded: {exc}") from exc
+        log.info("model %s %s loaded on %s in %.1f s", name, spec.version, _warm[name].device,
+                 time.monotonic() - started)
+    return _warm[name]
+
+
+def outbox_for(settings: Settings, job_id: str) -> Path:
+    return settings.outbox_dir / job_id
+
+
+def estimate_bytes(paths: Sequence[Path]) -> int:
+    """Memory one series needs in the worker, from headers only: decoded float32 volume, model copy, labels."""
+    total = 0
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        total += int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
+    return total * (4 + 4 + 1 + 8)   # array, resampled copy (upper bound), label map, inference buffers
+
+
+def process_series(paths: Sequence[Path], model: LoadedModel, *, memory_limit_bytes: int = 0) -> list[Dataset]:
+    """Load one series, run the model and return the result datasets (segmentation: SEG if found + SR;
+    classification: SR + heat-map Secondary Capture)."""
+    needed = estimate_bytes(paths)
+    if memory_limit_bytes and needed > memory_limit_bytes:
+        raise StudyRejected(f"series would need about {needed >> 20} MB in the worker, over the limit of "
+                            f"{memory_limit_bytes >> 20} MB (PACSAI_WORKER_MEMORY_MB)")
+    if model.spec.task is Task.CLASSIFICATION:
+        return classify_image(paths, model)
+    try:
+        volume = load.load_series(paths)
+    except load.SeriesNotLoadable as exc:
+        raise StudyRejected(f"series not loadable: {exc}") from exc
+    started = time.monotonic()
+    label_map = segment(model, volume)
+    log.info("inference on %d slices took %.1f s", len(volume.datasets), time.monotonic() - started)
+    uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), model.spec.name, model.spec.version)
+    try:
+        seg: hd.seg.Segmentation | None = encode_seg.encode_seg(
+            volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION)
+    except encode_seg.NothingFound:
+        log.info("model found no segment in this series; the SR goes alone")
+        seg = None
+    sr = encode_sr.encode_sr(seg, volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION)
+    return [ds for ds in (seg, sr) if ds is not None]
+
+
+def segment(model: LoadedModel, volume: Volume) -> NDArray[np.uint8]:
+    """Our own networks go through infer.segment; a MONAI bundle through its own transforms and inferer."""
+    if model.bundle is None:
+        return infer.segment(model, volume)
+    args = model.spec.network_args
+    try:
+        labels = run_bundle(model.bundle, volume, roi_size=args.get("roi_size"),
+                            sw_batch_size=args.get("sw_batch_size"))
+    except BundleError as exc:
+        raise ModelError(f"model {model.spec.name}: {exc}") from exc
+    return np.asarray(labels, dtype=np.uint8)
+
+
+def classify_image(paths: Sequence[Path], model: LoadedModel) -> list[Dataset]:
+    """Classify the series' first image (one projection per series); SR with the finding, SC with the heat-map."""
+    pre = classify.classification_spec(model.spec).preprocessing
+    source = pydicom.dcmread(sorted(paths)[0])
+    image = load_image.prepare_image(source, pre)
+    result = classify.classify(model, image)
+    log.info("classification: probability %.3f, threshold %.3f", result.probability, result.threshold)
+    series_uid = str(source.SeriesInstanceUID)
+    uids = output_uids(series_uid, model.spec.name, model.spec.version) | encode_sc.heatmap_uids(
+        series_uid, model.spec.name, model.spec.version)
+    sr = encode_sr.encode_classification_sr(image.header, result, model.spec, uids, software_version=SOFTWARE_VERSION)
+    sc = encode_sc.encode_heatmap_sc(source, result.heatmap, model.spec, uids, software_version=SOFTWARE_VERSION,
+                                     caption=encode_sc.caption_for(result))
+    return [sr, sc]
+
+
+def run(job: SeriesJob, settings: Settings, spool: Spool) -> Results:
+    """Run one job and leave its results in the outbox; raises WorkerError subclasses on purpose."""
+    model = warm_model(job.model, settings)
+    try:
+        paths = spool.read_manifest(job.manifest)
+    except (OSError, ValueError) as exc:
+        raise StudyRejected(f"spooled series unreadable ({type(exc).__name__})") from exc
+    datasets = process_series(paths, model, memory_limit_bytes=settings.worker_memory_mb << 20)
+    outbox = outbox_for(settings, job.job_id)
+    files = []
+    for ds in datasets:
+        path = outbox / f"{_ROLE.get(str(ds.SOPClassUID), str(ds.Modality).lower())}.dcm"
+        write_atomic(path, _to_bytes(ds))
+        files.append(path)
+    segments = sum(len(ds.SegmentSequence) for ds in datasets if ds.Modality == "SEG")
+    return Results(files=tuple(files), segments=segments)
+
+
+def _to_bytes(dataset: object) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)  # type: ignore[attr-defined]
+    return buffer.getvalue()

@@ -1,0 +1,130 @@
+"""Task shells: decode the message, call the pipeline or the sender, record the outcome, retry or give up."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery import Task, shared_task
+from celery.exceptions import Reject
+
+from dicom_node import audit
+from dicom_node.send import send_files
+from dicom_node.spool import Spool
+from dicom_node.status import Outcome
+from worker import pipeline
+from worker.enqueue import DELIVER_TASK, INFER_TASK, enqueue_delivery
+from worker.errors import PeerRefused, PeerUnavailable, WorkerError
+from worker.jobs import Delivery, JobState, SeriesJob
+from worker.logs import log_context
+from worker.settings import Settings
+from worker.state import State
+
+log = logging.getLogger(__name__)
+MAX_INFER_ATTEMPTS = 3
+_per_process: dict[str, Any] = {}
+
+
+def _context(task: Task) -> tuple[Settings, State, Spool]:
+    if "state" not in _per_process:
+        settings: Settings = task.app.pacsai_settings
+        _per_process["settings"] = settings
+        _per_process["state"] = State(settings.database)
+        _per_process["spool"] = Spool(settings.spool_dir, settings.log_key, reserve_bytes=0)
+    return _per_process["settings"], _per_process["state"], _per_process["spool"]
+
+
+@shared_task(bind=True, name=INFER_TASK, acks_late=True, max_retries=MAX_INFER_ATTEMPTS - 1)
+def infer(self: Task, message: dict[str, str]) -> str:
+    settings, state, spool = _context(self)
+    job = SeriesJob.from_message(message)
+    with log_context(job=job.job_id[:8], model=job.model):
+        row = state.job(job.job_id)
+        if row is not None and row.state in (JobState.ENCODED, JobState.DELIVERED):
+            log.info("job already %s; not running it again", row.state.value)
+            if row.state is JobState.ENCODED:
+                enqueue_delivery(self.app, Delivery(job.job_id, job.destination))
+            return str(row.state.value)
+        if row is not None and row.state in (JobState.FAILED, JobState.DEAD):
+            log.info("job already %s; not running it again", row.state.value)
+            return str(row.state.value)
+        if row is not None and row.attempts >= MAX_INFER_ATTEMPTS:
+            # the job started this often and never finished: it kills its worker (crash, OOM, time limit)
+            reason = f"gave up after {row.attempts} attempts that did not finish"
+            state.set_job(job.job_id, JobState.DEAD, reason)
+            log.error("job dead: %s", reason)
+            raise Reject(reason, requeue=False)
+        state.set_job(job.job_id, JobState.RUNNING, count_attempt=True)
+        try:
+            results = pipeline.run(job, settings, spool)
+        except WorkerError as exc:
+            return _give_up_or_retry(self, state, job.job_id, exc, retryable=exc.retryable)
+        except SoftTimeLimitExceeded:
+            limit = WorkerError(f"the job ran past its time limit of {settings.task_time_limit_s:g} s")
+            log.error("%s", limit)
+            return _give_up_or_retry(self, state, job.job_id, limit, retryable=True)
+        except Exception as exc:  # unexpected: retry a bounded number of times, then dead
+            log.exception("job failed unexpectedly (%s)", type(exc).__name__)
+            return _give_up_or_retry(self, state, job.job_id, exc, retryable=True)
+        if not results.files:
+            state.set_job(job.job_id, JobState.DELIVERED, "nothing found")
+            return "nothing found"
+        state.set_job(job.job_id, JobState.ENCODED)
+        log.info("job encoded %d segment(s) into %d file(s)", results.segments, len(results.files))
+        enqueue_delivery(self.app, Delivery(job.job_id, job.destination))
+        return "encoded"
+
+
+def _give_up_or_retry(task: Task, state: State, job_id: str, exc: Exception, *, retryable: bool) -> str:
+    reason = str(exc) if isinstance(exc, WorkerError) else type(exc).__name__
+    if retryable and task.request.retries < (task.max_retries or 0):
+        state.set_job(job_id, JobState.QUEUED, f"retrying: {reason}")
+        raise task.retry(exc=exc, countdown=10 * 2 ** task.request.retries)
+    final = JobState.FAILED if not retryable else JobState.DEAD
+    state.set_job(job_id, final, reason)
+    log.error("job %s: %s", final.value, reason)
+    raise Reject(reason, requeue=False)
+
+
+@shared_task(bind=True, name=DELIVER_TASK, acks_late=True, max_retries=None)
+def deliver(self: Task, message: dict[str, str]) -> str:
+    settings, state, _ = _context(self)
+    delivery = Delivery.from_message(message)
+    with log_context(job=delivery.job_id[:8], destination=delivery.destination):
+        peer = settings.peer(delivery.destination)
+        if peer is None:
+            state.set_job(delivery.job_id, JobState.FAILED, f"destination {delivery.destination} is not a known peer")
+            raise Reject("unknown destination", requeue=False)
+        done = {name for name, status, _, _ in state.deliveries(delivery.job_id) if status in ("success", "warning")}
+        files = sorted(p for p in pipeline.outbox_for(settings, delivery.job_id).glob("*.dcm") if p.name not in done)
+        try:
+            results = send_files(files, peer, calling_ae=settings.ae_title) if files else []
+            audit.record_sent(settings, state.job(delivery.job_id), peer, results)
+            for result in results:
+                state.record_delivery(delivery.job_id, result.path.name, peer.ae_title, result.outcome.value,
+                                      f"0x{result.code:04X}")
+            refused = [r for r in results if r.outcome is Outcome.PERMANENT]
+            if refused:
+                raise PeerRefused(f"{peer.ae_title} refused {len(refused)} file(s) with 0x{refused[0].code:04X}")
+            if any(r.outcome is Outcome.TRANSIENT for r in results):
+                raise PeerUnavailable(f"{peer.ae_title} is out of resources")
+        except PeerUnavailable as exc:
+            attempt = self.request.retries + 1
+            if attempt >= settings.send_max_attempts:
+                state.set_job(delivery.job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
+                raise Reject(str(exc), requeue=False) from exc
+            countdown = min(settings.send_backoff_s * 2 ** self.request.retries, settings.send_backoff_max_s)
+            failures = state.note_delivery_failure(delivery.job_id, f"delivery failing: {exc}")
+            log.warning("%s; attempt %d, retrying in %.0f s", exc, attempt, countdown)
+            if failures == settings.send_alert_after:
+                log.error("ALERT: results for %s undelivered after %d attempts; still retrying", peer.ae_title,
+                          failures)
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        except PeerRefused as exc:
+            state.set_job(delivery.job_id, JobState.FAILED, str(exc))
+            log.error("delivery failed: %s", exc)
+            raise Reject(str(exc), requeue=False) from exc
+        state.set_job(delivery.job_id, JobState.DELIVERED)
+        log.info("delivered %d file(s) to %s", len(files), peer.ae_title)
+        return "delivered"
