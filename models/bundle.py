@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from billiard.exceptions import SoftTimeLimitExceeded
 import copy
 import importlib
 import inspect
@@ -17,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from billiard.exceptions import SoftTimeLimitExceeded
 from monai.bundle.config_parser import ConfigParser
 from monai.data.meta_tensor import MetaTensor
 from monai.inferers.inferer import Inferer, SlidingWindowInferer

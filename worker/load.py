@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from billiard.exceptions import SoftTimeLimitExceeded
 import numpy as np
 import pydicom
+from billiard.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from billiard.exceptions import SoftTimeLimitExceeded
 import numpy as np
 import pydicom
+from billiard.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom.dataset import Dataset

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from billiard.exceptions import SoftTimeLimitExceeded
 import highdicom as hd
 import numpy as np
 import pydicom
+from billiard.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
