@@ -34,6 +34,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")   # not allowed in XML 1.0 (or a forge
 APPLICATION_ACTIVITY: Code = ("110100", "DCM", "Application Activity")
 INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
 STUDY_DELETED: Code = ("110105", "DCM", "DICOM Study Deleted")
+EXPORT: Code = ("110106", "DCM", "Export")
 SECURITY_ALERT: Code = ("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION: Code = ("110114", "DCM", "User Authentication")
 APPLICATION_START: Code = ("110120", "DCM", "Application Start")
@@ -172,6 +173,13 @@ def study_deleted(settings: Settings, study_key: str, series_key: str) -> AuditE
                       study_key=study_key)
 
 
+def deidentified_copy(settings: Settings, study_key: str, series_key: str, model: str, instances: int) -> AuditEvent:
+    """A10: a de-identified copy of a series was made for a model that may run outside the hospital."""
+    return AuditEvent(EXPORT, "R", Outcome.SUCCESS, (_us(settings, role=SOURCE, requestor=True),),
+                      description=f"de-identified copy (PS3.15 E.1 basic profile) of series {series_key[:12]}, "
+                                  f"{instances} instance(s), for model {model}", study_key=study_key)
+
+
 class AuditTrail:
     """Appends each message as one line (O_APPEND, fsync) and, when configured, sends it to syslog (RFC 5424)."""
 
@@ -266,6 +274,11 @@ def record_sent(settings: Settings, job: JobRow | None, peer: Peer, results: Seq
     """One line in the delivery task: audit one attempt that reached the peer (nothing to audit without files)."""
     if results:
         trail_for(settings).record(results_sent(settings, job.study_key if job else "", peer, results))
+
+
+def record_deidentified(settings: Settings, study_key: str, series_key: str, model: str, instances: int) -> None:
+    """One line where the node makes a de-identified copy (dicom_node/deidentify.py)."""
+    trail_for(settings).record(deidentified_copy(settings, study_key, series_key, model, instances))
 
 
 def record_deleted(settings: Settings, study_key: str, series_key: str) -> None:
