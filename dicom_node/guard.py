@@ -4,7 +4,8 @@ pynetdicom waits in a blocking recv() for a whole PDU and counts raw sockets tow
 peer can hold a thread and a slot for minutes (fault catalogue N1–N5, N9). The guard
 - refuses a TCP connection when its address already holds `per_address_limit` connections (N9),
 - closes a connection that has not completed association negotiation within `handshake_deadline_s` (N1–N3),
-- closes an association that has not completed a PDU within `pdu_deadline_s` (N4, N5: a drip-fed or over-long PDU).
+- closes an association that has not completed a PDU within `pdu_deadline_s` (N4, N5: a drip-fed or over-long PDU),
+- closes a connection at once when its first PDU is unrecognised or undecodable (N7, N14: HTTP, a TLS ClientHello).
 Closing the socket from the watchdog thread ends the blocked recv(); pynetdicom then tears the association down.
 """
 
@@ -37,6 +38,7 @@ class GuardedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.bind(evt.EVT_CONN_OPEN, self._on_open)
         self.bind(evt.EVT_DATA_RECV, self._on_data)
+        self.bind(evt.EVT_FSM_TRANSITION, self._on_transition)
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="pacsai-guard", daemon=True)
         self._watchdog.start()
@@ -71,6 +73,14 @@ class GuardedServer(ThreadedAssociationServer):
             connected, _ = self._progress.get(id(event.assoc), (time.monotonic(), 0.0))
             self._progress[id(event.assoc)] = (connected, time.monotonic())
 
+    def _on_transition(self, event: evt.Event) -> None:
+        # Evt19 in Sta2: the first PDU is of an unknown type or cannot be decoded (an HTTP request, a TLS ClientHello,
+        # garbage). pynetdicom answers A-ABORT (AA-1) and then waits in Sta13 for the peer to close, which such a peer
+        # never does: without this the connection holds its slot until the handshake deadline. The A-ABORT has been
+        # sent when this runs (the event fires after the action), so closing now is all that is left to do.
+        if event.fsm_event == "Evt19" and event.current_state == "Sta2":
+            self._close(event.assoc, "first PDU is not a valid A-ASSOCIATE-RQ (not a DICOM peer?)")
+
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
             now = time.monotonic()
@@ -96,11 +106,23 @@ class GuardedServer(ThreadedAssociationServer):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         # end the association thread now rather than at its ACSE timeout, so the slot is free at once
-        threading.Thread(target=assoc.kill, name="pacsai-guard-kill", daemon=True).start()
+        threading.Thread(target=_end, args=(assoc,), name="pacsai-guard-kill", daemon=True).start()
 
     def shutdown(self) -> None:
         self._stop.set()
         super().shutdown()
+
+
+def _end(assoc: Any) -> None:
+    """Stop the association's threads; one still waiting for its A-ASSOCIATE-RQ is woken as well.
+
+    kill() stops the DUL, but an acceptor thread that has no A-ASSOCIATE-RQ yet blocks on the DUL's queue for up to
+    acse_timeout; an empty item ends that wait, and the thread then leaves as it does on a timeout (kill, close).
+    """
+    negotiated = assoc.is_established
+    assoc.kill()
+    if not negotiated:
+        assoc.dul.to_user_queue.put(None)
 
 
 def _socket_open(assoc: Any) -> bool:
