@@ -3,11 +3,12 @@
 The picture is the source image as displayed (grey), the heat-map blended over it in colour (opacity grows with the
 heat), a banner above ("AI result - not for diagnosis") and a legend below (colour bar and caption). It is scaled
 down so that its long side is at most MAX_SIDE_PX: it is a visual aid, not a diagnostic image.
+`secondary_capture` builds the SC around a picture for both this and the SEG overlays (worker/encode_overlay.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -54,30 +55,54 @@ def encode_heatmap_sc(source: Dataset, heatmap: NDArray[np.float32], spec: Model
         raise ModelError(f"model {spec.name}: heat-map is {heatmap.shape}, expected the image's {grey.shape}")
     picture = render(grey, heatmap, caption=caption or f"Grad-CAM, {spec.name} {spec.version}")
     name = f"AI {spec.name} {spec.version}"
+    return secondary_capture(
+        source, picture, series_uid=uids["sc_series"], series_number=SC_SERIES_NUMBER,
+        instance_uid=uids["sc_instance"], instance_number=1,
+        series_description=f"{name} heat-map - not for diagnosis",
+        derivation=f"{name}: Grad-CAM heat-map over the displayed image",
+        equipment=(spec.name, software_version, device_serial_number(spec)), references=(source,))
+
+
+def secondary_capture(source: Dataset, picture: NDArray[np.uint8], *, series_uid: str, series_number: int,
+                       instance_uid: str, instance_number: int, series_description: str, derivation: str,
+                       equipment: tuple[str, str, str], references: Sequence[Dataset],
+                       patient_orientation: tuple[str, str] | None = None,
+                       pixel_spacing: tuple[float, float] | None = None) -> hd.sc.SCImage:
+    """RGB SC in a new series of the source's study, marked burned-in; equipment is (model, software, serial).
+
+    patient_orientation None: the source's own PatientOrientation (Type 2C: empty when it gives none).
+    """
+    model_name, software_version, serial = equipment
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=picture, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=("L", "F"),
-        series_instance_uid=uids["sc_series"],
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=uids["sc_instance"], instance_number=1,
-        manufacturer=MANUFACTURER, transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=clip_lo(f"{name} heat-map - not for diagnosis"),
-        manufacturer_model_name=clip_lo(spec.name), software_versions=clip_lo(software_version),
-        device_serial_number=device_serial_number(spec))
-    # highdicom wants an orientation for PATIENT; the SC's rows and columns run as the source's, so copy its own
-    # (Type 2C: empty when the source gives none) over the placeholder above.
-    sc.PatientOrientation = source.get("PatientOrientation", None)
+        bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=patient_orientation or ("L", "F"),
+        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom 0.28 annotates ints; mm are floats
+        series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=instance_uid,
+        instance_number=instance_number, manufacturer=MANUFACTURER, transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=clip_lo(series_description), manufacturer_model_name=clip_lo(model_name),
+        software_versions=clip_lo(software_version), device_serial_number=serial)
+    if patient_orientation is None:
+        # highdicom wants an orientation for PATIENT; the SC's rows and columns run as the source's, so copy its
+        # own over the placeholder above.
+        sc.PatientOrientation = source.get("PatientOrientation", None)
     sc.Laterality = source.get("Laterality", None)  # General Series, Type 2C: the source's, or empty
     if "AnatomicalOrientationType" in source:
         sc.AnatomicalOrientationType = source.AnatomicalOrientationType
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = str(source.get("RecognizableVisualFeatures", "NO")) or "NO"
     sc.ConversionType = "WSD"  # made on a workstation from the source image
-    sc.DerivationDescription = clip_lo(f"{name}: Grad-CAM heat-map over the displayed image")
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = clip_lo(derivation)
+    sc.SourceImageSequence = [reference_to(ds) for ds in references]
     return sc
+
+
+def reference_to(ds: Dataset) -> Dataset:
+    """A SourceImageSequence item naming ds."""
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = ds.SOPClassUID
+    reference.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return reference
 
 
 def render(grey: NDArray[np.uint8], heatmap: NDArray[np.float32], *, caption: str) -> NDArray[np.uint8]:
