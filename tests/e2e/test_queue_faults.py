@@ -1,0 +1,156 @@
+"""Queue faults with real processes: duplicate deliveries, failing jobs, a full Redis (Q4, Q5, Q7, Q8, Q10)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis as redis_client
+import yaml
+from pydicom import dcmread
+
+from tests.conftest import need
+from tests.services import (
+    REPO,
+    Process,
+    free_port,
+    pacsai_env,
+    start_pacsai,
+    start_redis,
+    start_storescp,
+    supervised,
+    wait_until,
+)
+from worker.celery_app import create_app
+from worker.enqueue import enqueue_job
+from worker.jobs import JobState
+from worker.settings import Settings
+from worker.state import State
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def storescu(port: int, paths: list[Path]) -> None:
+    subprocess.run(["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "127.0.0.1", str(port),
+                    *map(str, paths)], check=True, timeout=120, capture_output=True)
+
+
+def jobs(data: Path) -> dict[str, int]:
+    state = State(data / "pacsai.db")
+    try:
+        return state.counts()["jobs"]
+    finally:
+        state.close()
+
+
+def received(folder: Path) -> list[str]:
+    return sorted(dcmread(p, stop_before_pixels=True).Modality for p in folder.iterdir() if p.is_file())
+
+
+def model_copy(tmp_path: Path, **preprocessing: object) -> Path:
+    """The shipped CT model with other sliding-window settings (a site may tune them in its own models folder)."""
+    folder = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "ct_organs_tiny", folder / "ct_organs_tiny")
+    spec_path = folder / "ct_organs_tiny" / "spec.yaml"
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["preprocessing"].update(preprocessing)
+    spec_path.write_text(yaml.safe_dump(spec))
+    return folder
+
+
+@pytest.fixture()
+def pacs(tmp_path: Path) -> tuple[Process, int, Path]:
+    need("storescp"), need("storescu"), need("redis-server")
+    return start_storescp(tmp_path / "pacs", ae_title="STORESCU")
+
+
+@pytest.mark.catalogue("Q5", "Q10")
+def test_a_job_delivered_again_while_it_runs_is_run_and_exported_once(tmp_path: Path, ct_series: Path,
+                                                                     pacs: tuple[Process, int, Path]) -> None:
+    """Q5/Q10: Redis hands a running job to a second worker process (visibility timeout passed, or the connection
+    dropped and the unacknowledged message came back): the copy is recognised and dropped; one export."""
+    storescp, pacs_port, inbox = pacs
+    redis, url = start_redis(tmp_path / "redis")
+    env = pacsai_env(tmp_path / "data", port=free_port(), peers=f"STORESCU@127.0.0.1:{pacs_port}", broker_url=url,
+                     PACSAI_WORKER_CONCURRENCY="2",   # an idle second process to take the copy at once
+                     PACSAI_MODELS_DIR=str(model_copy(tmp_path, roi_size=[32, 32, 16], overlap=0.75,
+                                                      sw_batch_size=1)))   # about 10 s of inference
+    with supervised(redis, storescp) as processes:
+        processes.append(start_pacsai("node", tmp_path, env))
+        worker = start_pacsai("worker", tmp_path, env)
+        processes.append(worker)
+        storescu(int(env["PACSAI_PORT"]), sorted(ct_series.iterdir()))
+        data = tmp_path / "data"
+        wait_until(lambda: jobs(data).get("running"), 120, "the job to run", 0.05)
+        state = State(data / "pacsai.db")
+        (row,) = state.jobs_in(JobState.RUNNING)
+        enqueue_job(create_app(Settings.from_env(env)), row.to_job())   # what Redis does when it redelivers
+        wait_until(lambda: "second delivery is dropped" in worker.log(), 60, "the copy to be dropped", 0.2)
+        assert state.job(row.job_id).state is JobState.RUNNING        # type: ignore[union-attr]
+        wait_until(lambda: jobs(data) == {"delivered": 1}, 180, "one delivered job", 0.5)
+        (job,) = state.jobs_in(JobState.DELIVERED)
+        assert job.attempts == 1
+        assert [(name, attempts) for name, _, attempts, _ in state.deliveries(job.job_id)] == [
+            ("seg.dcm", 1), ("sr.dcm", 1)]
+        assert received(inbox) == ["SEG", "SR"]
+
+
+@pytest.mark.catalogue("Q7", "Q8")
+def test_a_job_that_raises_is_retried_from_the_database_then_dead_with_its_reason(
+        tmp_path: Path, ct_series: Path, pacs: tuple[Process, int, Path]) -> None:
+    """Q7/Q8: the model raises an ordinary exception on every attempt. Each retry waits in the database (not as a
+    broker countdown), is enqueued by the node when due, and after three attempts the job is dead with its reason,
+    counted in the metrics; nothing is exported."""
+    storescp, pacs_port, inbox = pacs
+    redis, url = start_redis(tmp_path / "redis")
+    metrics_port = free_port()
+    env = pacsai_env(tmp_path / "data", port=free_port(), peers=f"STORESCU@127.0.0.1:{pacs_port}", broker_url=url,
+                     PACSAI_METRICS_PORT=str(metrics_port), PACSAI_RETRY_DELAY_S="1",
+                     PACSAI_MODELS_DIR=str(model_copy(tmp_path, roi_size=[36, 36, 12])))  # not a multiple of 8
+    with supervised(redis, storescp) as processes:
+        node = start_pacsai("node", tmp_path, env)
+        worker = start_pacsai("worker", tmp_path, env)
+        processes += [node, worker]
+        storescu(int(env["PACSAI_PORT"]), sorted(ct_series.iterdir()))
+        data = tmp_path / "data"
+        wait_until(lambda: jobs(data).get("retrying"), 120, "a job waiting for its retry", 0.2)
+        assert redis_client.Redis.from_url(url).zcard("unacked_index") == 0   # no countdown held in the broker
+        wait_until(lambda: jobs(data) == {"dead": 1}, 180, "the job to be dead", 0.5)
+        (job,) = State(data / "pacsai.db").jobs_in(JobState.DEAD)
+        assert job.attempts == 3 and job.reason == "RuntimeError"
+        assert worker.log().count("job failed unexpectedly (RuntimeError)") == 3
+        assert "job dead: RuntimeError" in worker.log()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            assert 'pacsai_jobs{state="dead"} 1.0' in response.read().decode()
+        assert received(inbox) == []
+
+
+@pytest.mark.catalogue("Q4")
+def test_a_full_redis_refuses_jobs_loudly_and_they_wait_in_the_database(tmp_path: Path, ct_series: Path,
+                                                                       pacs: tuple[Process, int, Path]) -> None:
+    """Q4: Redis at maxmemory with noeviction refuses the enqueue; the node says so, the job stays pending in the
+    database, no key is evicted, and once Redis has room the job runs and its results are delivered."""
+    storescp, pacs_port, inbox = pacs
+    redis, url = start_redis(tmp_path / "redis")
+    env = pacsai_env(tmp_path / "data", port=free_port(), peers=f"STORESCU@127.0.0.1:{pacs_port}", broker_url=url)
+    client = redis_client.Redis.from_url(url)
+    with supervised(redis, storescp) as processes:
+        node = start_pacsai("node", tmp_path, env)
+        processes += [node, start_pacsai("worker", tmp_path, env)]
+        app = create_app(Settings.from_env(env))
+        wait_until(lambda: app.control.ping(timeout=1.0), 120, "the worker to answer a ping", 0.5)
+        client.set("site-owned-key", "kept")
+        client.config_set("maxmemory", "1")     # used memory is now over the limit: every write is refused
+        with pytest.raises(redis_client.exceptions.OutOfMemoryError):
+            client.set("probe", "x")
+        storescu(int(env["PACSAI_PORT"]), sorted(ct_series.iterdir()))
+        data = tmp_path / "data"
+        wait_until(lambda: "Redis is full" in node.log(), 60, "the node to report the refused enqueue", 0.5)
+        assert jobs(data) == {"pending": 1}
+        assert client.get("site-owned-key") == b"kept"              # noeviction: nothing was thrown away
+        client.config_set("maxmemory", "0")
+        wait_until(lambda: jobs(data) == {"delivered": 1}, 180, "one delivered job", 0.5)
+        assert received(inbox) == ["SEG", "SR"]
