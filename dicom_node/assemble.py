@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
+from dicom_node import deidentify
 from dicom_node.route import Rule, SeriesHeader, route
 from dicom_node.spool import Spool
 from worker.jobs import JobState, SeriesJob, SeriesState, job_id_for
@@ -15,6 +16,7 @@ from worker.settings import Settings
 from worker.state import JobRow, SeriesRow, State
 
 log = logging.getLogger(__name__)
+BROKER_REPORT_EVERY_S = 60.0
 
 
 def is_complete(row: SeriesRow, now: float, *, quiet_s: float, grace_s: float, open_elsewhere: bool) -> bool:
@@ -37,10 +39,14 @@ class Assembler:
 
     def __init__(self, settings: Settings, state: State, spool: Spool, rules: tuple[Rule, ...],
                  enqueue: Callable[[SeriesJob], None], open_series: Callable[[], Collection[str]],
-                 maintain: Callable[[float], None] = lambda now: None, maintain_every_s: float = 10.0) -> None:
+                 maintain: Callable[[float], None] = lambda now: None, maintain_every_s: float = 10.0,
+                 diagnose: Callable[[], str] = lambda: "") -> None:
         self._settings, self._state, self._spool, self._rules = settings, state, spool, rules
         self._enqueue, self._open_series = enqueue, open_series
         self._maintain, self._maintain_every_s, self._maintained_at = maintain, maintain_every_s, 0.0
+        self._diagnose = diagnose
+        self._broker_failing_since: float | None = None
+        self._broker_reported_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pacsai-assembler", daemon=True)
 
@@ -85,15 +91,29 @@ class Assembler:
             self._spool.remove_series(row.study_key, row.series_key)
             log.info("series complete, %d instances, %s: not processed, spool cleaned", len(instances), reason)
             return
-        jobs = []
+        jobs, refused = [], {}    # type: list[JobRow], dict[str, str]
         for model in models:
             job_id = job_id_for(row.series_key, model, (key for key, _ in instances))
-            manifest = self._spool.write_manifest(row.study_key, row.series_key, job_id, [p for _, p in instances])
+            manifest = self._manifest(row, job_id, model, [p for _, p in instances], refused)
             jobs.append(JobRow(job_id, row.series_key, row.study_key, model, manifest, destination,
                                JobState.PENDING, "", 0))
         new = self._state.close_series(row.series_key, SeriesState.COMPLETE, "", jobs)
         log.info("series complete, %d instances, models %s, %d new job(s)", len(instances), ",".join(models),
                  len(new))
+        for job_id in sorted(set(new) & refused.keys()):    # A10: nothing of it may leave for that model
+            self._state.set_job(job_id, JobState.FAILED, refused[job_id])
+            log.warning("job %s failed: %s", job_id[:8], refused[job_id])
+
+    def _manifest(self, row: SeriesRow, job_id: str, model: str, files: list[str], refused: dict[str, str]) -> str:
+        """The job's file list; for a model in PACSAI_DEIDENTIFY_FOR, that of a de-identified copy (A10)."""
+        if model not in self._settings.deidentify_for:
+            return self._spool.write_manifest(row.study_key, row.series_key, job_id, files)
+        try:
+            return deidentify.write_copy(self._settings, self._spool, row.study_key, row.series_key, job_id, model,
+                                         files)
+        except deidentify.NotDeidentifiable as exc:
+            refused[job_id] = f"not sent to de-identified model {model}: {exc}"
+            return ""
 
     def enqueue_pending(self) -> None:
         """Put every pending job on the queue; a broker outage leaves them pending for the next tick."""
@@ -101,7 +121,28 @@ class Assembler:
             try:
                 self._enqueue(row.to_job())
             except Exception as exc:
-                log.warning("broker unavailable (%s); %s stays pending", type(exc).__name__, row.job_id[:8])
+                # unreachable, or refusing writes (Redis at maxmemory with noeviction): retried on the next tick
+                self._report_broker_failure(exc)
                 return
+            if self._broker_failing_since is not None:
+                log.warning("the broker accepts jobs again after %.0f s", time.time() - self._broker_failing_since)
+                self._broker_failing_since = None
             self._state.set_job(row.job_id, JobState.QUEUED)
             log.info("job %s queued for model %s", row.job_id[:8], row.model)
+
+    def _report_broker_failure(self, exc: BaseException) -> None:
+        """Log the first failure at once and then once a minute, naming the root cause's type (never its text)."""
+        now = time.time()
+        if self._broker_failing_since is None:
+            self._broker_failing_since = now
+        elif now - self._broker_reported_at < BROKER_REPORT_EVERY_S:
+            return
+        self._broker_reported_at = now
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__   # type: ignore[assignment]
+        pending = len(self._state.jobs_in(JobState.PENDING))
+        diagnosis = self._diagnose()
+        log.error("broker refused or unreachable for %.0f s (%s: %s)%s; %d job(s) wait in the database",
+                  now - self._broker_failing_since, type(exc).__name__, type(cause).__name__,
+                  f": {diagnosis}" if diagnosis else "", pending)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import audit
+from dicom_node import audit, incoming
 from dicom_node.assemble import Assembler
 from dicom_node.audit import AuditTrail
 from dicom_node.metrics import serve_metrics
@@ -18,7 +18,7 @@ from dicom_node.reconcile import Queues, purge_expired, recover_spool, requeue_l
 from dicom_node.route import load_rules
 from dicom_node.spool import Spool
 from worker.celery_app import create_app
-from worker.enqueue import enqueue_delivery, enqueue_job, queue_depth
+from worker.enqueue import broker_diagnosis, enqueue_delivery, enqueue_job, queue_depth
 from worker.settings import Settings
 from worker.state import State
 
@@ -44,8 +44,11 @@ class RunningNode:
 def start_node(settings: Settings) -> RunningNode:
     """Start listening and assembling; returns at once."""
     rules = load_rules(settings.routes_file)
-    state = State(settings.database)
     spool = Spool(settings.spool_dir, settings.log_key, reserve_bytes=settings.spool_reserve_mb * 1024 * 1024)
+    spool.check_writable()      # S5: a read-only or unwritable spool stops the node here, naming the directory
+    if incoming.remove_leftovers(settings.data_dir / "incoming"):
+        log.warning("removed partial instances of transfers cut off when the node last stopped")
+    state = State(settings.database)
     app = create_app(settings)
     recover_spool(state, spool)
     queues = Queues(depth=lambda queue: queue_depth(app, queue), enqueue_job=lambda job: enqueue_job(app, job),
@@ -57,7 +60,8 @@ def start_node(settings: Settings) -> RunningNode:
 
     associations = Associations()
     assembler = Assembler(settings, state, spool, rules, enqueue=queues.enqueue_job,
-                          open_series=associations.open_series, maintain=maintain)
+                          open_series=associations.open_series, maintain=maintain,
+                          diagnose=lambda: broker_diagnosis(app))
     trail = audit.trail_for(settings)
     servers = serve(settings, state, spool, associations, on_released=state.mark_released, trail=trail)
     trail.record(audit.application(settings, started=True))

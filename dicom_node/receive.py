@@ -10,21 +10,24 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import audit, status
+from dicom_node import audit, incoming, status
 from dicom_node.access import AccessPolicy, Gatekeeper, requested_titles
 from dicom_node.audit import AuditTrail
 from dicom_node.guard import GuardedServer
 from dicom_node.metrics import INSTANCES
 from dicom_node.spool import InvalidUid, Spool, SpoolFull, check_uid
 from dicom_node.tls import ReloadingContext, TlsServer
-from dicom_node.validate import check_instance
+from dicom_node.validate import TOO_LARGE, Refusal, check_command, check_instance
 from worker.errors import ConfigError
 from worker.logs import key_of
 from worker.settings import Settings
@@ -32,6 +35,7 @@ from worker.state import State
 
 log = logging.getLogger(__name__)
 _HEADER_KEYWORDS = ("Modality", "SOPClassUID", "BodyPartExamined", "SeriesDescription")
+_LEFT_ON_DISK_BYTES = 64 * 1024   # C15: values larger than this (pixel data) are not read into memory by the node
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -49,6 +53,7 @@ class Associations:
         self._lock = threading.Lock()
         self._series: dict[int, set[str]] = {}
         self._tallies: dict[int, dict[str, tuple[dict[str, int], list[int]]]] = {}
+        self._bad_commands: dict[int, dict[int, Refusal]] = {}    # id(assoc) → message ID → why its command fails
 
     def add(self, assoc: Any, series_key: str) -> None:
         with self._lock:
@@ -62,8 +67,17 @@ class Associations:
             else:
                 refused[0] += 1
 
+    def refuse_command(self, assoc: Any, message_id: int, refusal: Refusal) -> None:
+        with self._lock:
+            self._bad_commands.setdefault(id(assoc), {})[message_id] = refusal
+
+    def command_refusal(self, assoc: Any, message_id: int) -> Refusal | None:
+        with self._lock:
+            return self._bad_commands.get(id(assoc), {}).pop(message_id, None)
+
     def pop(self, assoc: Any) -> set[str]:
         with self._lock:
+            self._bad_commands.pop(id(assoc), None)
             return self._series.pop(id(assoc), set())
 
     def pop_tallies(self, assoc: Any) -> dict[str, tuple[dict[str, int], int]]:
@@ -82,9 +96,17 @@ def header_of(ds: Dataset) -> dict[str, str]:
     return {keyword: str(ds.get(keyword, "") or "") for keyword in _HEADER_KEYWORDS}
 
 
+def read_received(path: Path, transfer_syntax: str) -> Dataset:
+    """The header of a received file; large values stay on disk (a deflated data set is inflated whole by pydicom,
+    whose offsets then refer to the inflated stream: read it without leaving anything behind)."""
+    deflated = bool(transfer_syntax) and UID(transfer_syntax).is_deflated
+    return dcmread(path, defer_size=None if deflated else _LEFT_ON_DISK_BYTES)
+
+
 def _study_uid_of(event: evt.Event) -> str:
     try:
-        return check_uid("StudyInstanceUID", event.dataset.get("StudyInstanceUID"))
+        ds = dcmread(event.dataset_path, specific_tags=["StudyInstanceUID"])
+        return check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
     except Exception:   # unreadable dataset or invalid UID: the refusal is tallied under an unknown study
         return ""
 
@@ -97,16 +119,26 @@ class StoreHandler:
         self._log_key = log_key
 
     def __call__(self, event: evt.Event) -> int:
+        study_uid = _study_uid_of(event)    # before _store, which moves the received file into the spool
         code = self._store(event)
-        study_uid = _study_uid_of(event)
         self._associations.tally(event.assoc, key_of(self._log_key, study_uid) if study_uid else "",
                                  str(event.context.abstract_syntax), stored=code == status.SUCCESS)
         return code
 
     def _store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
+        bad_command = self._associations.command_refusal(event.assoc, int(getattr(event.request, "MessageID", 0)))
+        if bad_command is not None:
+            log.warning("refused instance from %s: %s (0x%04X)", calling, bad_command.reason, bad_command.status)
+            return bad_command.status
+        problem = incoming.problem_of(event.request)
+        if problem:   # C15: over PACSAI_MAX_INSTANCE_MB (never fits: 0xC001), or the disk filled while receiving
+            code = TOO_LARGE if problem == incoming.TOO_LARGE else status.OUT_OF_RESOURCES
+            log.warning("refused instance from %s: data set %s (0x%04X)", calling, problem, code)
+            return code
         try:
-            ds = event.dataset
+            path = event.dataset_path       # streamed to disk as it arrived (dicom_node/incoming.py)
+            ds = read_received(path, str(event.context.transfer_syntax))
             study_uid = check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
             series_uid = check_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
             sop_uid = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
@@ -114,8 +146,8 @@ class StoreHandler:
                 log.warning("refused instance from %s: SOPInstanceUID differs from the command's", calling)
                 return status.DATASET_DOES_NOT_MATCH
             header = header_of(ds)
-            encoded = event.encoded_dataset()
-            refusal = check_instance(ds, len(encoded), transfer_syntax=str(event.context.transfer_syntax))
+            refusal = check_instance(ds, path.stat().st_size, transfer_syntax=str(event.context.transfer_syntax),
+                                     source=path)
         except InvalidUid as exc:
             log.warning("refused instance from %s: %s", calling, exc)
             return status.CANNOT_UNDERSTAND
@@ -129,7 +161,7 @@ class StoreHandler:
             log.warning("refused instance from %s: %s (0x%04X)", calling, refusal.reason, refusal.status)
             return refusal.status
         try:
-            stored = self._spool.put(study_uid, series_uid, sop_uid, encoded)
+            stored = self._spool.put_file(study_uid, series_uid, sop_uid, path)
             self._state.record_instance(sop_key=stored.sop_key, series_key=stored.series_key,
                                         study_key=stored.study_key, path=stored.path, calling_ae=calling,
                                         called_ae=requested_titles(event)[1], header=header)
@@ -158,7 +190,7 @@ def build_ae(settings: Settings) -> AE:
     ae.acse_timeout = 10
     ae.dimse_timeout = 60
     ae.network_timeout = 60
-    ae.maximum_associations = 16
+    ae.maximum_associations = settings.max_associations    # N8: one more gets A-ASSOCIATE-RJ (2, 3, 2)
     return ae
 
 
@@ -175,6 +207,7 @@ def serve(settings: Settings, state: State, spool: Spool, associations: Associat
 
     def ended(event: evt.Event) -> list[str]:
         """Released, aborted or dropped: audit what the association sent, per study (once: the tallies are popped)."""
+        incoming.discard_partial(event.assoc)    # N10: a data set cut off mid-transfer leaves no file
         calling, called = requested_titles(event)
         for study_key, (stored, refused) in associations.pop_tallies(event.assoc).items():
             trail.record(audit.instances_received(settings, calling, str(event.assoc.requestor.address), called,
@@ -184,12 +217,23 @@ def serve(settings: Settings, state: State, spool: Spool, associations: Associat
     def released(event: evt.Event) -> None:
         on_released(ended(event))
 
+    def inspect_command(event: evt.Event) -> None:
+        """N15: a command with an odd-length or malformed UID is answered with a failure by the C-STORE handler.
+
+        Only here, before pynetdicom turns the command into a primitive, are the command's raw bytes still at hand.
+        """
+        message = event.message
+        refusal = check_command(message.encoded_command_set.getvalue())
+        if refusal is not None:
+            associations.refuse_command(event.assoc, int(message.command_set.get("MessageID", 0) or 0), refusal)
+
     handlers: list[Any] = [(evt.EVT_C_STORE, store), (evt.EVT_C_ECHO, lambda event: status.SUCCESS),
                            (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_RELEASED, released),
                            (evt.EVT_ABORTED, ended), (evt.EVT_CONN_CLOSE, ended),   # the quiet period decides
                            (evt.EVT_REQUESTED, gate.requested), (evt.EVT_REJECTED, gate.rejected),
-                           (evt.EVT_ACCEPTED, gate.accepted)]
+                           (evt.EVT_ACCEPTED, gate.accepted), (evt.EVT_DIMSE_RECV, inspect_command)]
     ae = build_ae(settings)
+    incoming.stream_to_files(ae, incoming.Policy(settings.data_dir / "incoming", settings.max_instance_mb << 20))
     context = ReloadingContext(settings) if settings.tls_cert is not None else None   # wrong files: stop here
     servers: list[ThreadedAssociationServer] = []
     if not settings.tls_only:

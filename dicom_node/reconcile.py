@@ -18,6 +18,7 @@ from pydicom import dcmread
 from dicom_node import audit
 from dicom_node.receive import header_of
 from dicom_node.spool import Spool
+from worker import lease
 from worker.enqueue import infer_queue
 from worker.jobs import Delivery, JobState, SeriesJob, SeriesState
 from worker.settings import Settings
@@ -38,9 +39,14 @@ class Queues:
 def requeue_lost(state: State, settings: Settings, queues: Queues, now: float) -> int:
     """Enqueue again the jobs that the broker lost (flushed, restarted without persistence, …); return how many."""
     requeued = 0
+    for row in state.jobs_due(now):   # parked by a worker after a failed attempt: the broker holds no copy
+        queues.enqueue_job(row.to_job())
+        state.set_job(row.job_id, JobState.QUEUED, row.reason)
+        requeued += 1
     stale_queued = state.jobs_in(JobState.QUEUED, updated_before=now - settings.requeue_after_s)
-    stale_running = state.jobs_in(JobState.RUNNING,
-                                  updated_before=now - settings.task_time_limit_s - settings.requeue_after_s)
+    # a running job's holder renews its lease; one that stopped (killed, hard time limit) has lost the job
+    stale_running = [row for row, holder, renewed_at in state.running_owners(now - settings.requeue_after_s)
+                     if not lease.alive(holder) or now - renewed_at > lease.LEASE_S]
     empty: dict[str, bool] = {}
     for row in [*stale_queued, *stale_running]:
         if row.model not in empty:
@@ -56,7 +62,7 @@ def requeue_lost(state: State, settings: Settings, queues: Queues, now: float) -
             state.touch_job(row.job_id)
             requeued += 1
     if requeued:
-        log.warning("reconciler enqueued %d job(s) again that the broker no longer held", requeued)
+        log.warning("reconciler enqueued %d job(s) again (due retries, or lost by the broker)", requeued)
     return requeued
 
 

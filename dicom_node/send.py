@@ -1,15 +1,30 @@
 """C-STORE SCU: send result files to a PACS (over TLS for `+tls` peers); outcomes become our errors or per-file
-outcomes."""
+outcomes.
+
+We propose one presentation context per SOP class among the files, with the transfer syntaxes of the peer's
+destination profile the files can go in: any uncompressed one listed (pynetdicom converts between explicit and
+implicit VR little endian), and JPEG baseline for 8-bit images when listed (then compressed here, lossy, marked
+so). A SOP class the peer accepts no context for is not sent: its files come back as refused with 0x0122 (SOP class
+not supported), the same code a peer answers a C-STORE with when it cannot store the class.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from dicom_node import status
 from dicom_node.receive import set_nodelay
@@ -18,6 +33,9 @@ from worker.errors import PeerUnavailable
 from worker.settings import Peer
 
 log = logging.getLogger(__name__)
+SOP_CLASS_NOT_SUPPORTED = 0x0122      # PS3.7 C.5.4 "Refused: SOP Class not supported"
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,18 +43,23 @@ class SendResult:
     path: Path
     outcome: status.Outcome
     code: int
+    negotiated: bool = True           # False: the peer accepted no presentation context for the file's SOP class
+
+    @property
+    def sop_class_refused(self) -> bool:
+        """The peer cannot take this SOP class at all (refused in negotiation or with 0x0122)."""
+        return self.code == SOP_CLASS_NOT_SUPPORTED
 
 
-def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s: float = 60.0) -> list[SendResult]:
+def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s: float = 60.0,
+               transfer_syntaxes: Sequence[str] = UNCOMPRESSED) -> list[SendResult]:
     """C-STORE each file on one association; raise PeerUnavailable when the peer cannot be reached or drops us."""
     datasets = [dcmread(path) for path in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = min(timeout_s, 15.0)
-    for ds in datasets:
-        transfer_syntax = ds.file_meta.TransferSyntaxUID
-        if all(cx.abstract_syntax != ds.SOPClassUID for cx in ae.requested_contexts):
-            ae.add_requested_context(ds.SOPClassUID, [transfer_syntax])
+    for sop_class, syntaxes in proposed_contexts(datasets, transfer_syntaxes).items():
+        ae.add_requested_context(sop_class, syntaxes)
     try:
         tls = tls_args(peer.host, peer.tls)      # built per delivery: renewed certificate files are picked up
     except (OSError, ValueError) as exc:        # ssl.SSLError is an OSError
@@ -49,13 +72,76 @@ def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s:
     results: list[SendResult] = []
     try:
         for path, ds in zip(files, datasets, strict=True):
-            reply = assoc.send_c_store(ds)
-            if "Status" not in reply:
-                raise PeerUnavailable(f"no C-STORE reply from {peer.ae_title}")
-            code = int(reply.Status)
-            results.append(SendResult(path, status.classify(code), code))
-            log.info("C-STORE to %s: 0x%04X (%s)", peer.ae_title, code, results[-1].outcome.value)
+            results.append(_store(assoc, path, ds, peer))
     finally:
         if assoc.is_established:
             assoc.release()
     return results
+
+
+def _store(assoc: Association, path: Path, ds: Dataset, peer: Peer) -> SendResult:
+    """One C-STORE on the context the peer accepted for the file's SOP class (none: refused without sending)."""
+    accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == ds.SOPClassUID]
+    if not accepted:
+        log.warning("C-STORE to %s: no presentation context accepted for %s; not sent", peer.ae_title,
+                    UID(ds.SOPClassUID).name)
+        return SendResult(path, status.Outcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
+    if accepted[0] == JPEGBaseline8Bit and not ds.file_meta.TransferSyntaxUID.is_compressed:
+        if not jpeg_baseline_fits(ds):     # another file of its class fitted; this one cannot go in JPEG baseline
+            log.warning("C-STORE to %s: only JPEG baseline accepted for %s, which this image cannot use; not sent",
+                        peer.ae_title, UID(ds.SOPClassUID).name)
+            return SendResult(path, status.Outcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
+        ds = as_jpeg_baseline(ds)
+    reply = assoc.send_c_store(ds)
+    if "Status" not in reply:
+        raise PeerUnavailable(f"no C-STORE reply from {peer.ae_title}")
+    code = int(reply.Status)
+    result = SendResult(path, status.classify(code), code)
+    log.info("C-STORE to %s: 0x%04X (%s)", peer.ae_title, code, result.outcome.value)
+    return result
+
+
+def proposed_contexts(datasets: Sequence[Dataset], transfer_syntaxes: Sequence[str]) -> dict[str, list[str]]:
+    """SOP class → transfer syntaxes to propose, in the profile's order; a compressed file goes as it is."""
+    contexts: dict[str, list[str]] = {}
+    for ds in datasets:
+        own = UID(ds.file_meta.TransferSyntaxUID)
+        if own.is_compressed:
+            wanted = [own]
+        else:
+            wanted = [UID(ts) for ts in transfer_syntaxes
+                      if ts in UNCOMPRESSED or (ts == JPEGBaseline8Bit and jpeg_baseline_fits(ds))]
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), [])
+        syntaxes += [str(ts) for ts in wanted or [own] if str(ts) not in syntaxes]
+    return contexts
+
+
+def jpeg_baseline_fits(ds: Dataset) -> bool:
+    """JPEG baseline holds 8-bit unsigned grey or RGB single-frame images."""
+    return ("PixelData" in ds and int(ds.get("BitsAllocated", 0)) == 8 and int(ds.get("NumberOfFrames", 1) or 1) == 1
+            and (int(ds.get("SamplesPerPixel", 1)), str(ds.get("PhotometricInterpretation", ""))) in
+            ((1, "MONOCHROME2"), (3, "RGB")) and int(ds.get("PixelRepresentation", 0)) == 0)
+
+
+def as_jpeg_baseline(ds: Dataset) -> Dataset:
+    """A copy in JPEG baseline (process 1), colour as YBR_FULL_422; lossy, so marked (PS3.3 C.7.6.1.1.5).
+
+    The SOP Instance UID stays: this is the same image in a transfer syntax the peer asked for.
+    """
+    pixels = np.asarray(ds.pixel_array, dtype=np.uint8)
+    colour = int(ds.SamplesPerPixel) == 3
+    buffer = BytesIO()
+    Image.fromarray(pixels, "RGB" if colour else "L").save(buffer, "JPEG", quality=JPEG_QUALITY,
+                                                           subsampling=1)  # 1: 4:2:2
+    compressed = copy.deepcopy(ds)    # a shallow copy would share (and change) the original's elements
+    compressed.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    compressed.PixelData = encapsulate([buffer.getvalue()])
+    compressed["PixelData"].VR = "OB"
+    compressed["PixelData"].is_undefined_length = True
+    if colour:
+        compressed.PhotometricInterpretation = "YBR_FULL_422"
+        compressed.PlanarConfiguration = 0
+    compressed.LossyImageCompression = "01"
+    compressed.LossyImageCompressionRatio = f"{pixels.nbytes / len(buffer.getvalue()):.2f}"
+    compressed.LossyImageCompressionMethod = "ISO_10918_1"
+    return compressed

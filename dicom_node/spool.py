@@ -1,9 +1,17 @@
-"""Spool: each instance is written atomically (temp, fsync, rename, fsync dir) under keyed, UID-free names."""
+"""Spool: each instance is written atomically (temp, fsync, rename, fsync dir) under keyed, UID-free names.
+
+Every file written here carries the SHA-256 of its bytes in an extended attribute of its own inode (it moves with the
+file on rename, so concurrent writers of one instance cannot mismatch it); the worker compares it before it uses a
+file (fault catalogue S7). A file system without extended attributes keeps no hash, and such files go unchecked.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -13,13 +21,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.errors import ConfigError, StudyRejected
 from worker.logs import key_of
 
+log = logging.getLogger(__name__)
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+DEID_DIR = "deid"     # spool/deid/<series_key>/<job_id>/: de-identified copies, all a remote worker may see (A10)
+HASH_ATTRIBUTE = "user.pacsai.sha256"    # S7: hex SHA-256 of the bytes as written, on the file's own inode
 
 
 class SpoolFull(Exception):
     """Free disk is under the reserve: refuse before writing."""
+
+
+class SpoolUnusable(ConfigError):
+    """The spool directory cannot be created or written (S5): the node refuses to start, never writes elsewhere."""
+
+
+class SpoolCorrupted(StudyRejected):
+    """A spooled file no longer matches the hash recorded when it was written (S7): never inferred on or exported."""
 
 
 class InvalidUid(ValueError):
@@ -49,14 +69,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
+
+
+def _record_hash(fd: int, digest: str) -> None:
+    """Keep the hash on the file itself; where the file system has no extended attributes the file keeps none."""
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, HASH_ATTRIBUTE, digest.encode("ascii"))
+
+
+def recorded_hash(path: Path) -> str | None:
+    """The hash recorded when the file was written, or None (none recorded, or no extended attributes here)."""
+    try:
+        return os.getxattr(path, HASH_ATTRIBUTE).decode("ascii", "replace")
+    except OSError:
+        return None
+
+
+def file_hash(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that the file is either absent or complete and durable, even after a power cut."""
+    """Write bytes so that the file is either absent or complete and durable, even after a power cut.
+
+    The file is never executable (0640) and carries the hash of `data` (see the module docstring).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temp_for(path)
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
+            _record_hash(handle.fileno(), hashlib.sha256(data).hexdigest())
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o640)
         os.replace(tmp, path)
@@ -67,6 +114,55 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def move_atomic(source: Path, path: Path) -> None:
+    """write_atomic for a file already on disk (a streamed receipt): renamed when on the same file system, else
+    copied by the kernel; never read into memory whole. `source` is gone afterwards unless it had to be copied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_for(path)
+    try:
+        try:
+            os.replace(source, tmp)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(source, tmp)
+        digest = file_hash(tmp)
+        with open(tmp, "rb") as handle:
+            _record_hash(handle.fileno(), digest)
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def check_intact(paths: Sequence[Path], *, what: str = "instance") -> None:
+    """S7: compare each file with the hash recorded when it was written; raise SpoolCorrupted if any differs."""
+    corrupted = unchecked = 0
+    for path in paths:
+        expected = recorded_hash(path)
+        if expected is None:
+            unchecked += 1
+        elif file_hash(path) != expected:
+            corrupted += 1
+    if unchecked:
+        log.warning("%d of %d spooled file(s) carry no recorded hash and were not checked", unchecked, len(paths))
+    if corrupted:
+        log.error("%d of %d spooled %s file(s) differ from the hash recorded when they were written", corrupted,
+                  len(paths), what)
+        raise SpoolCorrupted(f"spooled {what} corrupted: {corrupted} of {len(paths)} file(s) differ from what was "
+                             "received")
+
+
+def _unusable(root: Path, exc: OSError) -> SpoolUnusable:
+    reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return SpoolUnusable(f"spool directory {root} cannot be used ({reason}); PACSAI_DATA_DIR must be a writable "
+                         "directory on a local or shared disk (the spool is its spool/ folder)")
+
+
 class Spool:
     """The node's durable store of received instances; names are keyed hashes, never values from the dataset."""
 
@@ -74,9 +170,29 @@ class Spool:
         self.root = root
         self._log_key = log_key
         self._reserve_bytes = reserve_bytes
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unusable(root, exc) from None
         if not os.access(root, os.W_OK):
-            raise PermissionError("spool directory is not writable")
+            code = errno.EROFS if os.statvfs(root).f_flag & os.ST_RDONLY else errno.EACCES
+            raise _unusable(root, OSError(code, os.strerror(code)))
+
+    def check_writable(self) -> None:
+        """S5, at the node's start: really write, sync and delete a file, so a read-only or full file system stops
+        the node here (with a message naming the directory) instead of refusing every instance later."""
+        probe = self.root / f".probe-{os.getpid()}"
+        try:
+            write_atomic(probe, b"pacsai spool probe")
+            hashed = recorded_hash(probe) is not None
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            raise _unusable(self.root, exc) from None
+        if not hashed:
+            log.warning("the spool's file system keeps no extended attributes: spooled files are not checked for "
+                        "corruption")
 
     def keys(self, study_uid: str, series_uid: str, sop_uid: str) -> tuple[str, str, str]:
         return (key_of(self._log_key, study_uid), key_of(self._log_key, series_uid), key_of(self._log_key, sop_uid))
@@ -90,15 +206,31 @@ class Spool:
         write_atomic(self.root / relative, data)
         return SpooledInstance(study_key, series_key, sop_key, str(relative))
 
-    def write_manifest(self, study_key: str, series_key: str, job_id: str, files: Sequence[str]) -> str:
-        """Write the file list of one job next to its series; return its spool-relative path."""
-        relative = Path(study_key) / series_key / f"manifest-{job_id}.json"
+    def put_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> SpooledInstance:
+        """Store one instance already received into a file (DICOM file format) without reading it into memory;
+        raise SpoolFull before writing anything. The source file is moved, or copied when on another file system."""
+        if shutil.disk_usage(self.root).free - source.stat().st_size < self._reserve_bytes:
+            raise SpoolFull("free disk under the reserve")
+        study_key, series_key, sop_key = self.keys(study_uid, series_uid, sop_uid)
+        relative = Path(study_key) / series_key / f"{sop_key}.dcm"
+        move_atomic(source, self.root / relative)
+        return SpooledInstance(study_key, series_key, sop_key, str(relative))
+
+    def write_manifest(self, study_key: str, series_key: str, job_id: str, files: Sequence[str], *,
+                       folder: str = "") -> str:
+        """Write the file list of one job next to its series (or in `folder`, a de-identified copy's); return its
+        spool-relative path."""
+        relative = Path(folder or Path(study_key) / series_key) / f"manifest-{job_id}.json"
         write_atomic(self.root / relative, json.dumps({"files": list(files)}).encode())
         return str(relative)
 
     def read_manifest(self, relative: str) -> list[Path]:
-        files = json.loads(self.resolve(relative).read_text(encoding="utf-8"))["files"]
-        return [self.resolve(item) for item in files]
+        """The job's files, each checked against the hash recorded when it was written (S7: SpoolCorrupted)."""
+        manifest = self.resolve(relative)
+        check_intact([manifest], what="job manifest")
+        files = [self.resolve(item) for item in json.loads(manifest.read_text(encoding="utf-8"))["files"]]
+        check_intact(files)
+        return files
 
     def resolve(self, relative: str) -> Path:
         """Map a spool-relative path to a file, refusing anything that escapes the spool."""
@@ -109,5 +241,6 @@ class Spool:
 
     def remove_series(self, study_key: str, series_key: str) -> None:
         shutil.rmtree(self.root / study_key / series_key, ignore_errors=True)
+        shutil.rmtree(self.root / DEID_DIR / series_key, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.root / study_key).rmdir()

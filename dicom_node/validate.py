@@ -5,6 +5,9 @@ Policy: decodable data (compressed or not) is stored as received; we refuse only
 Statuses (PS3.4 B.2.3): 0xA900 when the instance breaks its IOD (an image without pixel data, a missing or
 inconsistent pixel description); 0xC0xx when we cannot understand it. The size cap answers 0xC001, not 0xA7xx:
 an SCU retries "out of resources" (our own send.py does), but an instance over the cap will never fit.
+The same holds for the cap on the encoded instance (PACSAI_MAX_INSTANCE_MB, C15), which also answers 0xC001.
+A received instance is read from its file with large values left on disk (C15): lengths are then checked against
+the file's size, and encapsulated fragments are walked in the file itself.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import uid as uids
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -84,14 +89,18 @@ class _Refused(Exception):
         self.refusal = Refusal(status_code, reason)
 
 
-def check_instance(ds: Dataset, encoded_size: int, *, transfer_syntax: str = "") -> Refusal | None:
-    """Return why an instance must be refused, or None to accept it; transfer_syntax is the negotiated one."""
+def check_instance(ds: Dataset, encoded_size: int, *, transfer_syntax: str = "", source: Path | None = None
+                   ) -> Refusal | None:
+    """Return why an instance must be refused, or None to accept it; transfer_syntax is the negotiated one.
+
+    `source` is the file `ds` was read from with large values left on disk, `encoded_size` that file's size.
+    """
     if encoded_size <= 0:
         return Refusal(MALFORMED, "empty dataset")
     try:
-        check_encoding(ds)
+        check_encoding(ds, encoded_size)
         check_sop_class(ds)
-        check_pixels(ds, transfer_syntax)
+        check_pixels(ds, transfer_syntax, encoded_size=encoded_size, source=source)
     except _Refused as refused:
         return refused.refusal
     return None
@@ -111,15 +120,15 @@ def _is_sequence(raw: RawDataElement) -> bool:
         return False
 
 
-def check_encoding(ds: Dataset) -> None:
+def check_encoding(ds: Dataset, encoded_size: int = 0) -> None:
     """Walk every element without recursion: each value holds its declared length, sequences nest ≤ the limit."""
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         item, depth = stack.pop()
         for tag in list(item.keys()):
-            elem = item.get_item(tag)
+            elem = item.get_item(tag, keep_deferred=True)   # a value left on disk stays there
             if isinstance(elem, RawDataElement):
-                if elem.length != _UNDEFINED and elem.value is not None and len(elem.value) < elem.length:
+                if _truncated(elem, encoded_size):
                     raise _Refused(MALFORMED, f"{_name(tag)} is shorter than its declared length (truncated)")
                 if not _is_sequence(elem):
                     continue
@@ -128,6 +137,15 @@ def check_encoding(ds: Dataset) -> None:
                 if depth >= MAX_SEQUENCE_DEPTH:
                     raise _Refused(MALFORMED, f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
                 stack.extend((child, depth + 1) for child in elem.value or ())
+
+
+def _truncated(elem: RawDataElement, encoded_size: int) -> bool:
+    """Value shorter than its declared length: read short, or (left on disk) running past the end of the file."""
+    if elem.length == _UNDEFINED:
+        return False
+    if elem.value is not None:
+        return len(elem.value) < elem.length
+    return encoded_size > 0 and elem.value_tell + elem.length > encoded_size
 
 
 def _convert(item: Dataset, tag: int) -> DataElement:
@@ -147,7 +165,7 @@ def check_sop_class(ds: Dataset) -> None:
         raise _Refused(MALFORMED, str(exc)) from None
 
 
-def check_pixels(ds: Dataset, transfer_syntax: str) -> None:
+def check_pixels(ds: Dataset, transfer_syntax: str, *, encoded_size: int = 0, source: Path | None = None) -> None:
     """Image pixel module: present where the SOP class needs it, described, under the cap, consistent in size."""
     pixel_tag = next((tag for tag in (_PIXEL_DATA, _FLOAT_PIXEL_DATA, _DOUBLE_PIXEL_DATA) if tag in ds), None)
     if pixel_tag is None:
@@ -155,10 +173,11 @@ def check_pixels(ds: Dataset, transfer_syntax: str) -> None:
             raise _Refused(NOT_MATCHING, "PixelData missing from an image SOP class")
         return
     description = describe_pixels(ds, integer=pixel_tag == _PIXEL_DATA)
-    elem = ds.get_item(pixel_tag)
+    elem = ds.get_item(pixel_tag, keep_deferred=True)
     value = elem.value if elem is not None else None
     data = value if isinstance(value, bytes | bytearray) else b""      # no copy of the pixel data
     encapsulated = isinstance(elem, RawDataElement) and elem.length == _UNDEFINED
+    on_disk = isinstance(elem, RawDataElement) and value is None and source is not None    # left there by the read
     syntax = uids.UID(transfer_syntax) if transfer_syntax else None
     if syntax is not None and syntax.is_encapsulated != encapsulated:
         raise _Refused(MALFORMED, "PixelData is encapsulated although the transfer syntax is native" if encapsulated
@@ -167,9 +186,16 @@ def check_pixels(ds: Dataset, transfer_syntax: str) -> None:
         if syntax is not None:
             check_decoder(syntax)
         check_size(description)
-        check_fragments(data, description.frames)
+        if on_disk and isinstance(elem, RawDataElement) and source is not None:
+            with open(source, "rb") as handle:
+                check_fragments(_InFile(handle, elem.value_tell, encoded_size - elem.value_tell), description.frames)
+        else:
+            check_fragments(data, description.frames)
         return
-    if len(data) < description.native_bytes():
+    length = len(data)
+    if on_disk and isinstance(elem, RawDataElement):
+        length = max(0, min(elem.length, encoded_size - elem.value_tell))
+    if length < description.native_bytes():
         raise _Refused(NOT_MATCHING, f"{_name(pixel_tag)} is shorter than Rows x Columns x NumberOfFrames x "
                                      "SamplesPerPixel x BitsAllocated requires")
     check_size(description)
@@ -191,11 +217,25 @@ def check_decoder(syntax: uids.UID) -> None:
         raise _Refused(NO_DECODER, f"no pixel data decoder exists for {name}") from None
 
 
-def check_fragments(data: bytes | bytearray, frames: int) -> None:
+class _InFile:
+    """A span of a file that check_fragments reads like bytes: only the 8-byte item headers, by seeking."""
+
+    def __init__(self, handle: BinaryIO, start: int, length: int) -> None:
+        self._handle, self._start, self._length = handle, start, max(0, length)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, span: slice) -> bytes:
+        self._handle.seek(self._start + span.start)
+        return self._handle.read(span.stop - span.start)
+
+
+def check_fragments(data: bytes | bytearray | _InFile, frames: int) -> None:
     """Encapsulated pixel data: a Basic Offset Table item, then at least one fragment a frame (PS3.5 A.4)."""
     offset, items = 0, 0
     while items <= frames and offset + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHL", data, offset)
+        group, element, length = struct.unpack("<HHL", data[offset:offset + 8])
         if (group, element) == _SEQUENCE_END:
             break
         if (group, element) != _ITEM:
@@ -272,3 +312,31 @@ def _text(ds: Dataset, keyword: str) -> str:
     value = elem.value if elem is not None else None
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
     return text.strip(" \x00")
+
+
+def check_command(encoded: bytes) -> Refusal | None:
+    """N15: each UID in a DIMSE command set (implicit VR little endian) has an even length and is a valid UID.
+
+    pynetdicom decodes a command set leniently: an odd-length or malformed UID reaches the handler unpadded or
+    garbled, and a well-formed dataset would then be stored under a command that breaks PS3.5 7.1.1 and 9.1.
+    The command's own bytes are the only place the length is still visible, so the check reads them.
+    """
+    offset = 0
+    while offset + 8 <= len(encoded):
+        group, element, length = struct.unpack_from("<HHL", encoded, offset)
+        value = encoded[offset + 8:offset + 8 + length]
+        offset += 8 + length
+        tag = group << 16 | element
+        try:
+            is_uid = dictionary_VR(tag) == "UI"
+        except KeyError:          # an element no command defines: pynetdicom ignores it, and so do we
+            continue
+        if not is_uid:
+            continue
+        if length % 2 or len(value) != length:
+            return Refusal(MALFORMED, f"{_name(tag)} in the command set has an odd or short length")
+        try:
+            check_uid(_name(tag), value.decode("ascii", "replace"))
+        except InvalidUid as exc:
+            return Refusal(MALFORMED, f"{exc} (command set)")
+    return None

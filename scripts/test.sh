@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+# Two test processes (PACSAI_TEST_WORKERS), each taking whole files: most end-to-end tests wait on real services.
+exec .venv/bin/python -m pytest -n "${PACSAI_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -78,25 +78,28 @@ _catalogue_results: dict[str, dict[str, object]] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Record the outcome of tests marked with fault-catalogue ids (for scripts/reliability_report.py)."""
-    ids = getattr(report, "catalogue_ids", None)
+    """Record the outcome of tests marked with fault-catalogue ids (for scripts/reliability_report.py).
+
+    The ids travel in `user_properties`, which pytest-xdist carries from its workers to the controlling process.
+    """
+    ids = next((value for name, value in report.user_properties if name == "catalogue"), None)
     if not ids or (report.when != "call" and not (report.when == "setup" and not report.passed)):
         return
-    entry = _catalogue_results.setdefault(report.nodeid, {"ids": ids, "outcome": "passed"})
+    entry = _catalogue_results.setdefault(report.nodeid, {"ids": list(ids), "outcome": "passed"})
     if not report.passed:
         entry["outcome"] = report.outcome
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    report.catalogue_ids = [i for mark in item.iter_markers("catalogue") for i in mark.args]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        ids = [i for mark in item.iter_markers("catalogue") for i in mark.args]
+        if ids:
+            item.user_properties.append(("catalogue", ids))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     target = os.environ.get("PACSAI_RELIABILITY_JSON")
-    if target:
+    if target and not hasattr(session.config, "workerinput"):   # the controller, or a run without xdist
         import json
 
         Path(target).write_text(json.dumps(_catalogue_results, indent=1))

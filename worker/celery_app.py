@@ -15,7 +15,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     """Broker URL and transport options; the on-disk queue keeps messages under data_dir/queue."""
     if settings.broker_url:
         # visibility timeout above the longest job, so Redis does not redeliver a job that is still running
-        return settings.broker_url, {"visibility_timeout": int(settings.task_time_limit_s * 2 + 600)}
+        return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s}
     folder = settings.queue_dir
     for sub in ("messages", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ class NothingFound(PacsaiError):
 
 
 def encode_seg(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, uids: Mapping[str, str], *,
-               software_version: str) -> hd.seg.Segmentation:
-    """One BINARY segment per label present, one frame per source slice that holds it, aligned with the source.
+               software_version: str, omit_empty_frames: bool = True) -> hd.seg.Segmentation:
+    """One BINARY segment per label present, one frame per source slice that holds it (every slice when
+    omit_empty_frames is false: a destination profile's choice), aligned with the source.
 
     Segment numbers run 1..n over the present labels in ascending label number (see `present_labels`).
     """
@@ -46,7 +47,7 @@ def encode_seg(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, ui
         manufacturer=MANUFACTURER, manufacturer_model_name=clip_lo(spec.name),
         software_versions=clip_lo(software_version),
         device_serial_number=device_serial_number(spec), transfer_syntax_uid=ExplicitVRLittleEndian,
-        omit_empty_frames=True, content_label="AI_SEGMENTATION",
+        omit_empty_frames=omit_empty_frames, content_label="AI_SEGMENTATION",
         content_description=clip_lo(f"{name} segmentation - not for diagnosis"),
         series_description=clip_lo(f"{name} SEG - not for diagnosis"),
     )

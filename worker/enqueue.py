@@ -27,6 +27,22 @@ def enqueue_delivery(app: Celery, delivery: Delivery) -> None:
                   task_id=f"deliver-{delivery.job_id}")
 
 
+def broker_diagnosis(app: Celery) -> str:
+    """Why a Redis broker may refuse writes, in words for the operator ('' when nothing is found or it is not Redis)."""
+    try:
+        with app.connection_for_write() as connection:
+            if connection.transport_cls not in ("redis", "rediss"):
+                return ""
+            memory = connection.default_channel.client.info("memory")
+    except Exception:
+        return ""
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    if limit and used >= limit:
+        return (f"Redis is full: {used >> 20} MB used of maxmemory {limit >> 20} MB, policy "
+                f"{memory.get('maxmemory_policy', '?')}; it refuses new jobs until memory is freed or raised")
+    return ""
+
+
 def queue_depth(app: Celery, queue: str) -> int | None:
     """Messages waiting in a queue (not those a worker holds), or None when the broker cannot be asked."""
     try:

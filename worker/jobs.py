@@ -12,6 +12,7 @@ class JobState(Enum):
     PENDING = "pending"        # recorded, not yet on the queue
     QUEUED = "queued"
     RUNNING = "running"
+    RETRYING = "retrying"      # failed in a way worth another try; enqueued again by the node when due
     ENCODED = "encoded"        # results written to the outbox
     DELIVERED = "delivered"
     FAILED = "failed"          # not retryable: reason recorded

@@ -67,13 +67,34 @@ def load_series(paths: Sequence[Path], *, min_slices: int = 2) -> Volume:
     return Volume(array=array, affine=affine, datasets=tuple(s.ds for s in slices))
 
 
+def read_source(path: Path) -> Dataset:
+    """Read one spooled file with its text re-declared as UTF-8 (see utf8_text)."""
+    ds = pydicom.dcmread(path)
+    utf8_text(ds)
+    return ds
+
+
+def utf8_text(ds: Dataset) -> None:
+    """C8: decode every text value with the declared Specific Character Set, then declare ISO_IR 192 (UTF-8).
+
+    Results copy patient and study attributes from their source, so they are valid whatever the source declared:
+    ISO 2022 code extensions, GBK, GB18030, or an unknown or misspelt term, which pydicom decodes with its default
+    (ISO-IR 6 / latin-1), replacing bytes that do not decode and warning without the value. Without a declared
+    character set (the default repertoire) nothing changes.
+    """
+    if not ds.get("SpecificCharacterSet"):
+        return
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+
+
 def _read_all(paths: Sequence[Path]) -> list[Dataset]:
     """Parse every file; unreadable ones are counted and skipped (a missing slice then shows as a gap)."""
     datasets: list[Dataset] = []
     unreadable: Counter[str] = Counter()
     for path in paths:
         try:
-            datasets.append(pydicom.dcmread(path))
+            datasets.append(read_source(path))
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             unreadable[type(exc).__name__] += 1
     if unreadable:

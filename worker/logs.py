@@ -12,7 +12,8 @@ import sys
 from collections.abc import Iterator
 
 _context: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("pacsai_log", default=())
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x1b]")
+# C0 and C1 controls (newlines, ANSI escapes) and Unicode line breaks: a value could otherwise forge a log line
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def key_of(log_key: bytes, uid: str, *, length: int = 24) -> str:
@@ -53,13 +54,21 @@ class _ThirdPartyRedactor(logging.Filter):
         return True
 
 
-class _SafeFormatter(logging.Formatter):
-    """Escape control characters (ANSI, newlines in values) so a peer cannot forge log lines."""
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes (\\x1b, \\n, \\u2028): one log line stays one line, no terminal codes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        head, _, tail = text.partition("\n")
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", head) + ("\n" + tail if tail else "")
+
+class _SafeFormatter(logging.Formatter):
+    """Escape control characters in the message line (ANSI, newlines in values) so a peer cannot forge log lines.
+
+    The whole message is escaped, whatever it interpolates; only a traceback, which the formatter appends after the
+    message, keeps its own line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging.Formatter's name
+        return escape_controls(super().formatMessage(record))
 
 
 def configure(level: str = "INFO") -> None:

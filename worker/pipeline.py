@@ -19,9 +19,10 @@ from dicom_node.spool import Spool, write_atomic
 from models.bundle import BundleError, run_bundle
 from models.registry import LoadedModel, load_model, load_spec, pick_device
 from models.spec import Task
-from worker import classify, encode_sc, encode_seg, encode_sr, infer, load, load_image
+from worker import classify, encode_overlay, encode_sc, encode_seg, encode_sr, infer, load, load_image
 from worker.errors import ModelError, StudyRejected
 from worker.jobs import SeriesJob
+from worker.profiles import Output, overlay_file
 from worker.settings import Settings
 from worker.uids import output_uids
 from worker.volume import Volume
@@ -67,9 +68,10 @@ def estimate_bytes(paths: Sequence[Path]) -> int:
     return total * (4 + 4 + 1 + 8)   # array, resampled copy (upper bound), label map, inference buffers
 
 
-def process_series(paths: Sequence[Path], model: LoadedModel, *, memory_limit_bytes: int = 0) -> list[Dataset]:
-    """Load one series, run the model and return the result datasets (segmentation: SEG if found + SR;
-    classification: SR + heat-map Secondary Capture)."""
+def process_series(paths: Sequence[Path], model: LoadedModel, *, memory_limit_bytes: int = 0,
+                   overlays: bool = False, omit_empty_frames: bool = True) -> list[Dataset]:
+    """Load one series, run the model and return the result datasets (segmentation: SEG if found + SR, and with
+    `overlays` the SEG as Secondary Captures; classification: SR + heat-map Secondary Capture)."""
     needed = estimate_bytes(paths)
     if memory_limit_bytes and needed > memory_limit_bytes:
         raise StudyRejected(f"series would need about {needed >> 20} MB in the worker, over the limit of "
@@ -86,12 +88,16 @@ def process_series(paths: Sequence[Path], model: LoadedModel, *, memory_limit_by
     uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), model.spec.name, model.spec.version)
     try:
         seg: hd.seg.Segmentation | None = encode_seg.encode_seg(
-            volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION)
+            volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION,
+            omit_empty_frames=omit_empty_frames)
     except encode_seg.NothingFound:
         log.info("model found no segment in this series; the SR goes alone")
         seg = None
     sr = encode_sr.encode_sr(seg, volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION)
-    return [ds for ds in (seg, sr) if ds is not None]
+    results: list[Dataset] = [ds for ds in (seg, sr) if ds is not None]
+    if overlays and seg is not None:
+        results += encode_overlay.encode_seg_overlays(seg, volume)
+    return results
 
 
 def segment(model: LoadedModel, volume: Volume) -> NDArray[np.uint8]:
@@ -110,7 +116,7 @@ def segment(model: LoadedModel, volume: Volume) -> NDArray[np.uint8]:
 def classify_image(paths: Sequence[Path], model: LoadedModel) -> list[Dataset]:
     """Classify the series' first image (one projection per series); SR with the finding, SC with the heat-map."""
     pre = classify.classification_spec(model.spec).preprocessing
-    source = pydicom.dcmread(sorted(paths)[0])
+    source = load.read_source(sorted(paths)[0])       # C8: its text as UTF-8, like a volume's
     image = load_image.prepare_image(source, pre)
     result = classify.classify(model, image)
     log.info("classification: probability %.3f, threshold %.3f", result.probability, result.threshold)
@@ -130,15 +136,39 @@ def run(job: SeriesJob, settings: Settings, spool: Spool) -> Results:
         paths = spool.read_manifest(job.manifest)
     except (OSError, ValueError) as exc:
         raise StudyRejected(f"spooled series unreadable ({type(exc).__name__})") from exc
-    datasets = process_series(paths, model, memory_limit_bytes=settings.worker_memory_mb << 20)
-    outbox = outbox_for(settings, job.job_id)
-    files = []
-    for ds in datasets:
-        path = outbox / f"{_ROLE.get(str(ds.SOPClassUID), str(ds.Modality).lower())}.dcm"
-        write_atomic(path, _to_bytes(ds))
-        files.append(path)
+    profile = settings.profile_for(job.destination)   # only what this destination may get is made
+    datasets = process_series(paths, model, memory_limit_bytes=settings.worker_memory_mb << 20,
+                              overlays=Output.SC in profile.outputs,
+                              omit_empty_frames=profile.seg_omit_empty_frames)
+    files = _write(outbox_for(settings, job.job_id), datasets)
     segments = sum(len(ds.SegmentSequence) for ds in datasets if ds.Modality == "SEG")
     return Results(files=tuple(files), segments=segments)
+
+
+def write_overlays(job: SeriesJob, settings: Settings, spool: Spool) -> tuple[Path, ...]:
+    """The job's SEG in the outbox drawn over its source slices (a SEG fallback, E5), written next to it."""
+    outbox = outbox_for(settings, job.job_id)
+    try:
+        seg = pydicom.dcmread(outbox / "seg.dcm")
+        paths = spool.read_manifest(job.manifest)
+    except (OSError, ValueError) as exc:
+        raise StudyRejected(f"SEG or spooled series unreadable ({type(exc).__name__})") from exc
+    return _write(outbox, encode_overlay.encode_seg_overlays(seg, load.load_series(paths)))
+
+
+def _write(outbox: Path, datasets: Sequence[Dataset]) -> tuple[Path, ...]:
+    """Each dataset into the outbox under the name of its kind (worker/profiles.py), overlays numbered."""
+    files = []
+    overlays = 0
+    for ds in datasets:
+        if ds.get("SeriesNumber") == encode_overlay.OVERLAY_SERIES_NUMBER:
+            overlays += 1
+            name = overlay_file(overlays)
+        else:
+            name = f"{_ROLE.get(str(ds.SOPClassUID), str(ds.Modality).lower())}.dcm"
+        write_atomic(outbox / name, _to_bytes(ds))
+        files.append(outbox / name)
+    return tuple(files)
 
 
 def _to_bytes(dataset: object) -> bytes:

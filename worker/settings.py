@@ -14,6 +14,7 @@ from worker.errors import ConfigError
 from worker.peers import Caller, PeerTls, parse_callers
 from worker.peers import Peer as Peer  # re-exported: Peer lived here first
 from worker.peers import check_ae_title as check_ae_title
+from worker.profiles import Profile, Profiles, load_profiles
 
 T = TypeVar("T")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -83,14 +84,19 @@ class Settings:
     send_backoff_max_s: float = 600.0
     send_alert_after: int = 5                # failed delivery attempts before an ALERT log line and metric
     max_connections_per_address: int = 12    # TCP connections one source address may hold (raw sockets count)
+    max_associations: int = 16               # concurrent associations; one more gets A-ASSOCIATE-RJ (2, 3, 2)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0                    # 0: no metrics endpoint
     task_time_limit_s: float = 3600.0
     spool_reserve_mb: int = 1024             # refuse instances (0xA700) when free disk would drop under this
+    max_instance_mb: int = 2048              # C15: a larger instance is refused (0xC001); received by streaming to disk
     worker_concurrency: int = 1
     worker_models: tuple[str, ...] = ()      # models this worker serves (one queue each); empty: all installed
+    deidentify_for: tuple[str, ...] = ()     # models whose input is a de-identified copy (A10, docs/security.md)
     worker_memory_mb: int = 0                # refuse series estimated to need more; 0: 80 % of MemAvailable
     database_url: str = field(default="", repr=False)   # empty: SQLite file in data_dir; else postgresql://…
+    retry_delay_s: float = 10.0              # a failed job is tried again after this, doubled each time
+    visibility_timeout_s: float = 0.0        # Redis redelivers an unacknowledged job after this; 0: 2 x limit + 600
     requeue_after_s: float = 120.0           # a queued job the broker no longer holds is enqueued again after this
     retention_h: float = 24.0                # spooled inputs and results are deleted this long after their jobs end
     # security (docs/security.md)
@@ -105,6 +111,7 @@ class Settings:
     tls_client_key: Path | None = None
     audit_file: Path | None = None           # None: data_dir/audit.log
     audit_syslog: str = ""                   # also send audit messages to "udp|tcp|tls://host:port" (RFC 5424)
+    profiles: Profiles = field(default_factory=Profiles)   # PACSAI_PROFILES_FILE: what each peer gets
 
     @property
     def spool_dir(self) -> Path:
@@ -148,6 +155,10 @@ class Settings:
     def audit_path(self) -> Path:
         return self.audit_file or self.data_dir / "audit.log"
 
+    def profile_for(self, ae_title: str) -> Profile:
+        """The destination profile of a peer (worker/profiles.py); peers without one get the default."""
+        return self.profiles.for_peer(ae_title)
+
     def peer(self, ae_title: str) -> Peer | None:
         return next((peer for peer in self.peers if peer.ae_title == ae_title), None)
 
@@ -166,6 +177,7 @@ class Settings:
                 raise ConfigError(f"{variable} is invalid: {exc}") from None
 
         data_dir = get("DATA_DIR", lambda text: Path(text).expanduser().resolve(), Path("pacsai-data").resolve())
+        task_time_limit_s = get("TASK_TIME_LIMIT_S", _positive(float), _DEFAULT["task_time_limit_s"])
         return cls(
             data_dir=data_dir,
             ae_title=get("AE_TITLE", check_ae_title, _DEFAULT["ae_title"]),
@@ -189,14 +201,19 @@ class Settings:
             send_alert_after=get("SEND_ALERT_AFTER", _positive(int), _DEFAULT["send_alert_after"]),
             max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", _positive(int),
                                             _DEFAULT["max_connections_per_address"]),
+            max_associations=get("MAX_ASSOCIATIONS", _positive(int), _DEFAULT["max_associations"]),
             metrics_host=get("METRICS_HOST", str.strip, _DEFAULT["metrics_host"]),
             metrics_port=get("METRICS_PORT", _port, _DEFAULT["metrics_port"]),
-            task_time_limit_s=get("TASK_TIME_LIMIT_S", _positive(float), _DEFAULT["task_time_limit_s"]),
+            task_time_limit_s=task_time_limit_s,
             spool_reserve_mb=get("SPOOL_RESERVE_MB", _non_negative_int, _DEFAULT["spool_reserve_mb"]),
+            max_instance_mb=get("MAX_INSTANCE_MB", _positive(int), _DEFAULT["max_instance_mb"]),
             worker_concurrency=get("WORKER_CONCURRENCY", _positive(int), _DEFAULT["worker_concurrency"]),
             worker_models=get("WORKER_MODELS", _names, ()),
+            deidentify_for=get("DEIDENTIFY_FOR", _names, ()),
             worker_memory_mb=get("WORKER_MEMORY_MB", _non_negative_int, 0) or _memory_available_mb(),
             database_url=get("DATABASE_URL", _database_url, ""),
+            retry_delay_s=get("RETRY_DELAY_S", _positive(float), _DEFAULT["retry_delay_s"]),
+            visibility_timeout_s=get("VISIBILITY_TIMEOUT_S", _positive(float), 2 * task_time_limit_s + 600.0),
             requeue_after_s=get("REQUEUE_AFTER_S", _positive(float), _DEFAULT["requeue_after_s"]),
             retention_h=get("RETENTION_H", _positive(float), _DEFAULT["retention_h"]),
             ae_titles=get("AE_TITLES", _titles, ()),
@@ -210,6 +227,7 @@ class Settings:
             tls_client_key=get("TLS_CLIENT_KEY", _existing_file, None),
             audit_file=get("AUDIT_FILE", lambda text: Path(text).expanduser().resolve(), None),
             audit_syslog=get("AUDIT_SYSLOG", _syslog, ""),
+            profiles=get("PROFILES_FILE", load_profiles, Profiles()),
         )._checked()
 
     def _checked(self) -> Settings:
@@ -224,6 +242,13 @@ class Settings:
             raise ConfigError("PACSAI_TLS_ONLY=true needs PACSAI_TLS_CERT and PACSAI_TLS_KEY")
         if self.tls_cert is not None and self.tls_port == self.port and not self.tls_only:
             raise ConfigError(f"PACSAI_TLS_PORT {self.tls_port} is PACSAI_PORT too; give TLS its own port")
+        if self.broker_url and self.send_backoff_max_s >= self.visibility_timeout_s:
+            # a countdown the worker holds past the visibility timeout makes Redis deliver the message again
+            raise ConfigError(f"PACSAI_SEND_BACKOFF_MAX_S ({self.send_backoff_max_s:g}) must be below "
+                              f"PACSAI_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g})")
+        strangers = sorted({title for title, _ in self.profiles.peers} - {peer.ae_title for peer in self.peers})
+        if strangers:
+            raise ConfigError(f"PACSAI_PROFILES_FILE has profiles for {strangers}, which PACSAI_PEERS does not name")
         client = PeerTls(ca=self.tls_ca, cert=self.tls_client_cert, key=self.tls_client_key)
         return replace(self, peers=tuple(replace(p, tls=client) if p.tls else p for p in self.peers))
 

@@ -6,7 +6,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +28,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, series_key TEXT NOT NULL, study_key TEXT NOT NULL, model TEXT NOT NULL,
     manifest TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
-    delivery_failures INTEGER NOT NULL DEFAULT 0);
+    delivery_failures INTEGER NOT NULL DEFAULT 0, owner TEXT NOT NULL DEFAULT '',
+    due_at DOUBLE PRECISION NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT NOT NULL, file TEXT NOT NULL, destination TEXT NOT NULL, status TEXT NOT NULL,
     attempts INTEGER NOT NULL, detail TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (job_id, file));
 """
+
+# columns added after the first release: (table, column, definition), applied to databases made before them
+_ADDED_COLUMNS = (
+    ("jobs", "owner", "TEXT NOT NULL DEFAULT ''"),                 # worker process running the job (host:pid)
+    ("jobs", "due_at", "DOUBLE PRECISION NOT NULL DEFAULT 0"),    # when a retrying job is enqueued again
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,14 @@ class State:
         self._lock = threading.Lock()
         for statement in filter(str.strip, _SCHEMA.split(";")):
             self._db.execute(statement)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        for table, column, definition in _ADDED_COLUMNS:
+            if self._db.postgres:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+            elif column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         self._db.close()
@@ -173,7 +188,8 @@ class State:
                        (state.value, reason, now, series_key))
             for job in jobs:
                 cursor = db.execute(
-                    "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, '', 0, ?, ?, 0) ON CONFLICT(job_id) DO NOTHING",
+                    "INSERT INTO jobs (job_id, series_key, study_key, model, manifest, destination, state,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
                     (job.job_id, job.series_key, job.study_key, job.model, job.manifest, job.destination,
                      JobState.PENDING.value, now, now))
                 if cursor.rowcount:
@@ -196,6 +212,54 @@ class State:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state=?, reason=?, attempts=attempts+?, updated_at=? WHERE job_id=?",
                        (state.value, reason, int(count_attempt), time.time(), job_id))
+
+    def claim_job(self, job_id: str, owner: str, *, lease_s: float, alive: Callable[[str], bool],
+                  max_attempts: int) -> str:
+        """Mark the job running for `owner` and count an attempt: "claimed", or "held" when another live owner
+        holds a fresh lease, or "exhausted" when it already started `max_attempts` times.
+
+        A broker may deliver a job twice (visibility timeout passed, connection lost and restored): the second
+        delivery finds the first still running and must not run it in parallel. An owner that stopped renewing
+        its lease, or a process on this host that no longer exists, has lost it.
+        """
+        now = time.time()
+        with self._tx() as db:
+            lock = " FOR UPDATE" if db.postgres else ""
+            row = db.execute(f"SELECT state, owner, updated_at, attempts FROM jobs WHERE job_id=?{lock}",
+                             (job_id,)).fetchone()
+            if row is None:
+                return "unknown"
+            state, holder, renewed_at, attempts = row
+            if (state == JobState.RUNNING.value and holder and holder != owner and now - renewed_at < lease_s
+                    and alive(holder)):
+                return "held"
+            if attempts >= max_attempts:
+                return "exhausted"
+            db.execute("UPDATE jobs SET state=?, reason='', attempts=attempts+1, owner=?, updated_at=? WHERE job_id=?",
+                       (JobState.RUNNING.value, owner, now, job_id))
+            return "claimed"
+
+    def renew_lease(self, job_id: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET updated_at=? WHERE job_id=? AND owner=? AND state=?",
+                       (time.time(), job_id, owner, JobState.RUNNING.value))
+
+    def running_owners(self, updated_before: float) -> list[tuple[JobRow, str, float]]:
+        """Running jobs not renewed since `updated_before`: each with its holder and when it last renewed."""
+        rows = self._query(f"SELECT {_JOB_COLUMNS}, owner, updated_at FROM jobs WHERE state=? AND updated_at < ?"
+                           " ORDER BY created_at", (JobState.RUNNING.value, updated_before))
+        return [(_job_row(r), str(r[-2]), float(r[-1])) for r in rows]
+
+    def schedule_retry(self, job_id: str, reason: str, due_at: float) -> None:
+        """Park the job until `due_at`; the node enqueues it then (retries live in the database, not the broker)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state=?, reason=?, due_at=?, owner='', updated_at=? WHERE job_id=?",
+                       (JobState.RETRYING.value, reason, due_at, time.time(), job_id))
+
+    def jobs_due(self, now: float) -> list[JobRow]:
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state=? AND due_at <= ? ORDER BY due_at",
+                           (JobState.RETRYING.value, now))
+        return [_job_row(r) for r in rows]
 
     def record_delivery(self, job_id: str, file: str, destination: str, status: str, detail: str) -> None:
         with self._tx() as db:

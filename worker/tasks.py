@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import logging
+import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from dicom_node import audit
-from dicom_node.send import send_files
+from dicom_node import audit, deidentify
+from dicom_node.send import SendResult, send_files
 from dicom_node.spool import Spool
 from dicom_node.status import Outcome
-from worker import pipeline
+from worker import lease, outputs, pipeline
 from worker.enqueue import DELIVER_TASK, INFER_TASK, enqueue_delivery
 from worker.errors import PeerRefused, PeerUnavailable, WorkerError
 from worker.jobs import Delivery, JobState, SeriesJob
 from worker.logs import log_context
-from worker.settings import Settings
-from worker.state import State
+from worker.settings import Peer, Settings
+from worker.state import JobRow, State
 
 log = logging.getLogger(__name__)
 MAX_INFER_ATTEMPTS = 3
@@ -35,7 +38,7 @@ def _context(task: Task) -> tuple[Settings, State, Spool]:
     return _per_process["settings"], _per_process["state"], _per_process["spool"]
 
 
-@shared_task(bind=True, name=INFER_TASK, acks_late=True, max_retries=MAX_INFER_ATTEMPTS - 1)
+@shared_task(bind=True, name=INFER_TASK, acks_late=True)
 def infer(self: Task, message: dict[str, str]) -> str:
     settings, state, spool = _context(self)
     job = SeriesJob.from_message(message)
@@ -49,24 +52,34 @@ def infer(self: Task, message: dict[str, str]) -> str:
         if row is not None and row.state in (JobState.FAILED, JobState.DEAD):
             log.info("job already %s; not running it again", row.state.value)
             return str(row.state.value)
-        if row is not None and row.attempts >= MAX_INFER_ATTEMPTS:
+        owner = lease.owner()
+        claim = state.claim_job(job.job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive,
+                                max_attempts=MAX_INFER_ATTEMPTS)
+        if claim == "held":
+            # the broker delivered it again while it runs elsewhere (visibility timeout, lost connection)
+            log.warning("job is running in another worker process; this second delivery is dropped")
+            return "duplicate"
+        if claim == "exhausted":
             # the job started this often and never finished: it kills its worker (crash, OOM, time limit)
-            reason = f"gave up after {row.attempts} attempts that did not finish"
+            reason = f"gave up after {MAX_INFER_ATTEMPTS} attempts that did not finish"
             state.set_job(job.job_id, JobState.DEAD, reason)
             log.error("job dead: %s", reason)
             raise Reject(reason, requeue=False)
-        state.set_job(job.job_id, JobState.RUNNING, count_attempt=True)
+        if claim == "unknown":
+            log.error("job is not in the database; dropped (was the database replaced?)")
+            raise Reject("unknown job", requeue=False)
         try:
-            results = pipeline.run(job, settings, spool)
+            with lease.renewed(state, job.job_id, owner):
+                results = pipeline.run(job, settings, spool)
         except WorkerError as exc:
-            return _give_up_or_retry(self, state, job.job_id, exc, retryable=exc.retryable)
+            return _give_up_or_retry(settings, state, job.job_id, exc, retryable=exc.retryable)
         except SoftTimeLimitExceeded:
             limit = WorkerError(f"the job ran past its time limit of {settings.task_time_limit_s:g} s")
             log.error("%s", limit)
-            return _give_up_or_retry(self, state, job.job_id, limit, retryable=True)
+            return _give_up_or_retry(settings, state, job.job_id, limit, retryable=True)
         except Exception as exc:  # unexpected: retry a bounded number of times, then dead
             log.exception("job failed unexpectedly (%s)", type(exc).__name__)
-            return _give_up_or_retry(self, state, job.job_id, exc, retryable=True)
+            return _give_up_or_retry(settings, state, job.job_id, exc, retryable=True)
         if not results.files:
             state.set_job(job.job_id, JobState.DELIVERED, "nothing found")
             return "nothing found"
@@ -76,11 +89,20 @@ def infer(self: Task, message: dict[str, str]) -> str:
         return "encoded"
 
 
-def _give_up_or_retry(task: Task, state: State, job_id: str, exc: Exception, *, retryable: bool) -> str:
+def _give_up_or_retry(settings: Settings, state: State, job_id: str, exc: Exception, *, retryable: bool) -> str:
+    """Fail for good, or park the job for a later attempt that the node enqueues from the database.
+
+    Retries are not Celery countdowns: on Redis a countdown longer than the visibility timeout makes the broker
+    deliver the job again while the first copy waits, so two runs would follow.
+    """
     reason = str(exc) if isinstance(exc, WorkerError) else type(exc).__name__
-    if retryable and task.request.retries < (task.max_retries or 0):
-        state.set_job(job_id, JobState.QUEUED, f"retrying: {reason}")
-        raise task.retry(exc=exc, countdown=10 * 2 ** task.request.retries)
+    row = state.job(job_id)
+    attempts = row.attempts if row is not None else MAX_INFER_ATTEMPTS
+    if retryable and attempts < MAX_INFER_ATTEMPTS:
+        delay_s = settings.retry_delay_s * 2 ** (attempts - 1)
+        state.schedule_retry(job_id, f"retrying: {reason}", time.time() + delay_s)
+        log.warning("job attempt %d failed (%s); the node enqueues it again in %.0f s", attempts, reason, delay_s)
+        raise Reject(reason, requeue=False)
     final = JobState.FAILED if not retryable else JobState.DEAD
     state.set_job(job_id, final, reason)
     log.error("job %s: %s", final.value, reason)
@@ -89,17 +111,20 @@ def _give_up_or_retry(task: Task, state: State, job_id: str, exc: Exception, *, 
 
 @shared_task(bind=True, name=DELIVER_TASK, acks_late=True, max_retries=None)
 def deliver(self: Task, message: dict[str, str]) -> str:
-    settings, state, _ = _context(self)
+    settings, state, spool = _context(self)
     delivery = Delivery.from_message(message)
     with log_context(job=delivery.job_id[:8], destination=delivery.destination):
         peer = settings.peer(delivery.destination)
         if peer is None:
             state.set_job(delivery.job_id, JobState.FAILED, f"destination {delivery.destination} is not a known peer")
             raise Reject("unknown destination", requeue=False)
-        done = {name for name, status, _, _ in state.deliveries(delivery.job_id) if status in ("success", "warning")}
-        files = sorted(p for p in pipeline.outbox_for(settings, delivery.job_id).glob("*.dcm") if p.name not in done)
+        profile = settings.profile_for(peer.ae_title)   # which results this peer gets (worker/profiles.py)
+        files = outputs.pending(pipeline.outbox_for(settings, delivery.job_id), state.deliveries(delivery.job_id),
+                                profile)
+        send = partial(_send, spool, state.job(delivery.job_id), peer, settings.ae_title, profile.transfer_syntaxes)
         try:
-            results = send_files(files, peer, calling_ae=settings.ae_title) if files else []
+            results = outputs.with_seg_fallback(send(files), send, profile=profile, peer=peer, job_id=delivery.job_id,
+                                                settings=settings, state=state, spool=spool)   # E5
             audit.record_sent(settings, state.job(delivery.job_id), peer, results)
             for result in results:
                 state.record_delivery(delivery.job_id, result.path.name, peer.ae_title, result.outcome.value,
@@ -128,3 +153,11 @@ def deliver(self: Task, message: dict[str, str]) -> str:
         state.set_job(delivery.job_id, JobState.DELIVERED)
         log.info("delivered %d file(s) to %s", len(files), peer.ae_title)
         return "delivered"
+
+
+def _send(spool: Spool, job: JobRow | None, peer: Peer, calling_ae: str, transfer_syntaxes: tuple[str, ...],
+          files: list[Path]) -> list[SendResult]:
+    """C-STORE files to the peer, proposing the transfer syntaxes of its profile (no files: nothing to do)."""
+    # A10: a de-identified job's results get their identity back here, on the node's host
+    files = deidentify.restore_identity(spool, job, files)
+    return send_files(files, peer, calling_ae=calling_ae, transfer_syntaxes=transfer_syntaxes) if files else []

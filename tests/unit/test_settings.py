@@ -42,3 +42,13 @@ def test_log_key_is_made_once_and_kept(tmp_path: Path) -> None:
     assert first.log_key and first.log_key == second.log_key
     assert (tmp_path / "log.key").stat().st_mode & 0o077 == 0
     assert first.log_key.decode() not in repr(first)
+
+
+def test_a_delivery_back_off_past_the_visibility_timeout_is_refused() -> None:
+    env = {"PACSAI_BROKER_URL": "redis://127.0.0.1:6379/0", "PACSAI_VISIBILITY_TIMEOUT_S": "300",
+           "PACSAI_SEND_BACKOFF_MAX_S": "600"}
+    with pytest.raises(ConfigError, match="PACSAI_SEND_BACKOFF_MAX_S .* must be below PACSAI_VISIBILITY_TIMEOUT_S"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "PACSAI_SEND_BACKOFF_MAX_S": "120"}).visibility_timeout_s == 300
+    default = Settings.from_env({"PACSAI_TASK_TIME_LIMIT_S": "100"})
+    assert (default.visibility_timeout_s, default.retry_delay_s) == (800, 10)
