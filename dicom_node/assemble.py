@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
-from dicom_node import deidentify
+from dicom_node import audit, deidentify
 from dicom_node.route import Rule, SeriesHeader, route
 from dicom_node.spool import Spool
 from worker.jobs import JobState, SeriesJob, SeriesState, job_id_for
@@ -89,6 +89,7 @@ class Assembler:
             reason = "no model matches" if not models else "no destination for the calling AE"
             self._state.close_series(row.series_key, SeriesState.NO_MODEL, reason, [])
             self._spool.remove_series(row.study_key, row.series_key)
+            audit.record_deleted(self._settings, row.study_key, row.series_key, f"{reason}: inputs deleted")
             log.info("series complete, %d instances, %s: not processed, spool cleaned", len(instances), reason)
             return
         jobs, refused = [], {}    # type: list[JobRow], dict[str, str]

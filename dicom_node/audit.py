@@ -167,10 +167,19 @@ def results_sent(settings: Settings, study_key: str, peer: Peer, results: Sequen
                       study_key=study_key)
 
 
-def study_deleted(settings: Settings, study_key: str, series_key: str) -> AuditEvent:
-    return AuditEvent(STUDY_DELETED, "D", Outcome.SUCCESS, (_us(settings, requestor=True),),
-                      description=f"retention: series {series_key[:12]} inputs and results deleted",
+def results_undelivered(settings: Settings, study_key: str, peer: Peer, why: str, *, final: bool) -> AuditEvent:
+    """A delivery attempt that failed (peer down, refused, out of resources): retried, or given up when `final`."""
+    return AuditEvent(INSTANCES_TRANSFERRED, "C", Outcome.SERIOUS_FAILURE if final else Outcome.MINOR_FAILURE,
+                      (_us(settings, role=SOURCE, requestor=True), Participant(peer.ae_title, peer.host, False,
+                                                                               DESTINATION)),
+                      description=f"results not delivered ({'given up' if final else 'will retry'}): {why}",
                       study_key=study_key)
+
+
+def study_deleted(settings: Settings, study_key: str, series_key: str,
+                  why: str = "retention: inputs and results deleted") -> AuditEvent:
+    return AuditEvent(STUDY_DELETED, "D", Outcome.SUCCESS, (_us(settings, requestor=True),),
+                      description=f"series {series_key[:12]}: {why}", study_key=study_key)
 
 
 def deidentified_copy(settings: Settings, study_key: str, series_key: str, model: str, instances: int) -> AuditEvent:
@@ -281,6 +290,12 @@ def record_deidentified(settings: Settings, study_key: str, series_key: str, mod
     trail_for(settings).record(deidentified_copy(settings, study_key, series_key, model, instances))
 
 
-def record_deleted(settings: Settings, study_key: str, series_key: str) -> None:
-    """One line in the cleaner: audit the deletion of a series' files after retention."""
-    trail_for(settings).record(study_deleted(settings, study_key, series_key))
+def record_deleted(settings: Settings, study_key: str, series_key: str,
+                   why: str = "retention: inputs and results deleted") -> None:
+    """One line where series files are deleted: by the cleaner after retention, or at once when no model takes them."""
+    trail_for(settings).record(study_deleted(settings, study_key, series_key, why))
+
+
+def record_undelivered(settings: Settings, job: JobRow | None, peer: Peer, why: str, *, final: bool) -> None:
+    """One line in the delivery task: audit a failed attempt (the reason names the peer and status, no patient data)."""
+    trail_for(settings).record(results_undelivered(settings, job.study_key if job else "", peer, why, final=final))

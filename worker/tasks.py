@@ -136,6 +136,8 @@ def deliver(self: Task, message: dict[str, str]) -> str:
                 raise PeerUnavailable(f"{peer.ae_title} is out of resources")
         except PeerUnavailable as exc:
             attempt = self.request.retries + 1
+            audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc),
+                                     final=attempt >= settings.send_max_attempts)
             if attempt >= settings.send_max_attempts:
                 state.set_job(delivery.job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
                 raise Reject(str(exc), requeue=False) from exc
@@ -147,6 +149,7 @@ def deliver(self: Task, message: dict[str, str]) -> str:
                           failures)
             raise self.retry(exc=exc, countdown=countdown) from exc
         except PeerRefused as exc:
+            audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc), final=True)
             state.set_job(delivery.job_id, JobState.FAILED, str(exc))
             log.error("delivery failed: %s", exc)
             raise Reject(str(exc), requeue=False) from exc

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicom_node.audit_log import read_entries
 from tests.checks import check_seg_and_sr, dciodvfy_errors, find_leaks, make_canary_series
 from tests.conftest import need
 from tests.services import free_port, pacsai_env, start_orthanc, start_pacsai, start_storescp, supervised, wait_until
@@ -134,6 +135,11 @@ def test_results_wait_for_a_pacs_that_is_down(tmp_path: Path, ct_series: Path) -
         counts = wait_until(lambda: (c := status())["jobs"] == {"delivered": 1} and c, 120, "delivered", 1.0)
         assert counts["deliveries"] == {"success": 2}
         assert sorted(dcmread(p).Modality for p in received.iterdir() if p.is_file()) == ["SEG", "SR"]
+        transfers = [e for e in read_entries(tmp_path / "data" / "audit.log")
+                     if e.event == "DICOM Instances Transferred" and e.participants[0].startswith("PACSAI")]
+        failed = [e for e in transfers if e.description.startswith("results not delivered (will retry)")]
+        assert failed and all(e.outcome == "minor failure" and "STORESCU" in e.description for e in failed)
+        assert transfers[-1].description == "results: 2 of 2 file(s) accepted" and transfers[-1].outcome == "success"
 
 
 def test_chest_xray_comes_back_as_sr_and_heatmap(tmp_path: Path, shared: Path) -> None:

@@ -438,3 +438,18 @@ def test_a_refused_association_does_not_block_others(make_node: Callable[..., No
     for thread in threads:
         thread.join(timeout=30)
     assert outcomes == [True] * 8
+
+
+@pytest.mark.catalogue("A9")
+def test_a_series_no_model_takes_is_deleted_and_the_deletion_audited(make_node: Callable[..., Node]) -> None:
+    node = make_node(release_grace_s="0.2")
+    mr = dcmread(Path(str(get_testdata_file("MR_small.dcm"))))       # no shipped model reads MR
+    assoc = associate(node.port, contexts=(str(mr.SOPClassUID),))
+    assert int(assoc.send_c_store(mr).Status) == 0x0000
+    assoc.release()
+    study_key = study_key_for(str(mr.StudyInstanceUID), b"test-log-key")
+    (deleted,) = wait_until(lambda: [e for e in node.audit() if e.event == "DICOM Study Deleted"], 30,
+                            "the audited deletion")
+    assert deleted.study_key == study_key and deleted.outcome == "success"
+    assert deleted.description.endswith("no model matches: inputs deleted")
+    assert not list(node.settings.spool_dir.rglob("*.dcm"))
