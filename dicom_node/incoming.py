@@ -36,14 +36,20 @@ class IncomingFile:
     """What pynetdicom streams one data set into; it calls write(), file.flush() and close(), and reads `name`."""
 
     def __init__(self, policy: Policy) -> None:
-        # unbuffered: a full disk surfaces in write(), never later in a close() that pynetdicom does not expect to fail
-        self._handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - pynetdicom closes it, we delete it
-            mode="wb", buffering=0, prefix=_PREFIX, suffix=".dcm", dir=policy.directory, delete=False)
-        self.name = self._handle.name
         self.file = self
         self.size = 0
         self.problem = ""          # TOO_LARGE or WRITE_FAILED: the C-STORE handler refuses the instance
         self._max_bytes = policy.max_bytes
+        self._handle: Any = None
+        try:
+            policy.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # unbuffered: a full disk surfaces in write(), not in a close() that pynetdicom does not expect to fail
+            self._handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - pynetdicom closes it, we delete it
+                mode="wb", buffering=0, prefix=_PREFIX, suffix=".dcm", dir=policy.directory, delete=False)
+            self.name = self._handle.name
+        except OSError:            # no inode, read-only, directory gone: refuse the instance, keep the association
+            self.problem = WRITE_FAILED
+            self.name = str(policy.directory / f"{_PREFIX}{os.getpid()}-never-created")   # pynetdicom unlinks it
 
     def write(self, data: bytes) -> int:
         """Append, or once over the cap or after a write error, drop: the rest still has to be read off the wire."""
@@ -66,17 +72,19 @@ class IncomingFile:
         """Nothing is buffered here (pynetdicom flushes after each fragment)."""
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._handle.close()
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
 
     def discard(self) -> None:
         self.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.name)
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
 
     def _give_up(self, problem: str) -> None:
         self.problem = problem
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             os.ftruncate(self._handle.fileno(), 0)     # give the disk back now, not when the data set ends
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import audit, incoming
 from dicom_node.assemble import Assembler
 from dicom_node.audit import AuditTrail
-from dicom_node.metrics import serve_metrics
+from dicom_node.metrics import record_peer, serve_metrics
+from dicom_node.peers_check import watch_peers
 from dicom_node.receive import Associations, serve
 from dicom_node.reconcile import Queues, purge_expired, recover_spool, requeue_lost
 from dicom_node.route import load_rules
@@ -32,8 +33,10 @@ class RunningNode:
     state: State
     settings: Settings
     trail: AuditTrail
+    peer_checks: threading.Event = field(default_factory=threading.Event)   # set: stop checking the peers
 
     def stop(self) -> None:
+        self.peer_checks.set()
         for server in self.servers:
             server.shutdown()
         self.assembler.stop()
@@ -69,7 +72,10 @@ def start_node(settings: Settings) -> RunningNode:
         serve_metrics(state, settings.metrics_host, settings.metrics_port, settings.send_alert_after)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     assembler.start()
-    return RunningNode(servers=tuple(servers), assembler=assembler, state=state, settings=settings, trail=trail)
+    running = RunningNode(servers=tuple(servers), assembler=assembler, state=state, settings=settings, trail=trail)
+    if settings.peers:      # E7: C-ECHO every peer now (in the background: we listen already) and every 5 min
+        watch_peers(settings, record_peer, running.peer_checks)
+    return running
 
 
 def run_node(settings: Settings) -> int:
