@@ -36,6 +36,7 @@ from worker.state import State
 log = logging.getLogger(__name__)
 _HEADER_KEYWORDS = ("Modality", "SOPClassUID", "BodyPartExamined", "SeriesDescription")
 _LEFT_ON_DISK_BYTES = 64 * 1024   # C15: values larger than this (pixel data) are not read into memory by the node
+CLOSE_SETTLE_S = 0.5              # after a connection closes, wait this long for pynetdicom to report a release
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -217,6 +218,18 @@ def serve(settings: Settings, state: State, spool: Spool, associations: Associat
     def released(event: evt.Event) -> None:
         on_released(ended(event))
 
+    def closed(event: evt.Event) -> None:
+        """The connection closed. After a release pynetdicom may report the close before EVT_RELEASED (the peer drops
+        the socket as soon as it has the release reply), so decide a moment later, when the association knows."""
+        def settle() -> None:
+            series = ended(event)      # empty when `released` (or an abort) already took them
+            if series and event.assoc.is_released:
+                on_released(series)
+
+        timer = threading.Timer(CLOSE_SETTLE_S, settle)
+        timer.daemon = True
+        timer.start()
+
     def inspect_command(event: evt.Event) -> None:
         """N15: a command with an odd-length or malformed UID is answered with a failure by the C-STORE handler.
 
@@ -229,7 +242,7 @@ def serve(settings: Settings, state: State, spool: Spool, associations: Associat
 
     handlers: list[Any] = [(evt.EVT_C_STORE, store), (evt.EVT_C_ECHO, lambda event: status.SUCCESS),
                            (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_RELEASED, released),
-                           (evt.EVT_ABORTED, ended), (evt.EVT_CONN_CLOSE, ended),   # the quiet period decides
+                           (evt.EVT_ABORTED, ended), (evt.EVT_CONN_CLOSE, closed),  # else the quiet period decides
                            (evt.EVT_REQUESTED, gate.requested), (evt.EVT_REJECTED, gate.rejected),
                            (evt.EVT_ACCEPTED, gate.accepted), (evt.EVT_DIMSE_RECV, inspect_command)]
     ae = build_ae(settings)

@@ -453,3 +453,22 @@ def test_a_series_no_model_takes_is_deleted_and_the_deletion_audited(make_node: 
     assert deleted.study_key == study_key and deleted.outcome == "success"
     assert deleted.description.endswith("no model matches: inputs deleted")
     assert not list(node.settings.spool_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("sender", ["pynetdicom", "storescu"])
+def test_a_released_series_completes_after_the_grace_not_the_quiet_period(make_node: Callable[..., Node],
+                                                                          sender: str) -> None:
+    """C14 timing rule: the sender's A-RELEASE closes its series after the grace; pynetdicom may report the
+    connection's close before the release, which must not turn a release into a wait for the quiet period."""
+    node = make_node(release_grace_s="0.2", quiet_period_s="600")
+    mr = dcmread(Path(str(get_testdata_file("MR_small.dcm"))))
+    if sender == "storescu":
+        need("storescu")
+        subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PACSAI", "127.0.0.1", str(node.port),
+                        get_testdata_file("MR_small.dcm")], check=True, timeout=60, capture_output=True)
+    else:
+        assoc = associate(node.port, contexts=(str(mr.SOPClassUID),))
+        assert int(assoc.send_c_store(mr).Status) == 0x0000
+        assoc.release()
+    wait_until(lambda: [e for e in node.audit() if e.event == "DICOM Study Deleted"], 60,
+               "the series to complete on release (no model: deleted)")

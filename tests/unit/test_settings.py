@@ -52,3 +52,9 @@ def test_a_delivery_back_off_past_the_visibility_timeout_is_refused() -> None:
     assert Settings.from_env({**env, "PACSAI_SEND_BACKOFF_MAX_S": "120"}).visibility_timeout_s == 300
     default = Settings.from_env({"PACSAI_TASK_TIME_LIMIT_S": "100"})
     assert (default.visibility_timeout_s, default.retry_delay_s) == (800, 10)
+
+
+def test_ae_titles_may_have_sixteen_characters_but_not_seventeen() -> None:
+    assert Settings.from_env({"PACSAI_AE_TITLE": "A" * 16}).ae_title == "A" * 16    # PS3.5: AE is 16 bytes max
+    with pytest.raises(ConfigError, match="PACSAI_AE_TITLE"):
+        Settings.from_env({"PACSAI_AE_TITLE": "A" * 17})
