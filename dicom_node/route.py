@@ -56,6 +56,25 @@ def route(rules: Sequence[Rule], header: SeriesHeader) -> tuple[str, ...]:
     return tuple(dict.fromkeys(rule.model for rule in rules if rule.matches(header)))
 
 
+def explain(rules: Sequence[Rule], header: SeriesHeader) -> str:
+    """Why no rule takes the series: each rule's name and the first criterion it fails, without header values."""
+    return "; ".join(f"{rule.name}: {why_not(rule, header)}" for rule in rules if not rule.matches(header))
+
+
+def why_not(rule: Rule, header: SeriesHeader) -> str:
+    """The first criterion of `rule` the series fails ('' when the rule matches); quotes no header value."""
+    for field, allowed in rule.lists:
+        if header.value(field).upper() not in allowed:
+            return f"{field} is not one the rule takes"
+    if rule.description is not None and not rule.description.search(header.series_description):
+        return "SeriesDescription excluded by the rule's pattern"
+    if header.instances < rule.min_instances:
+        return f"{header.instances} instance(s), the rule needs at least {rule.min_instances}"
+    if header.instances > rule.max_instances:
+        return f"{header.instances} instances, the rule takes at most {rule.max_instances}"
+    return ""
+
+
 def parse_rules(raw: Any, *, source: str = "rules") -> tuple[Rule, ...]:
     """Validate the YAML structure; errors name the rule and the key."""
     if not isinstance(raw, Mapping) or not isinstance(raw.get("rules"), list):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -18,6 +22,9 @@ from worker.volume import Volume
 MANUFACTURER = "pacsai"
 SEG_SERIES_NUMBER = 9901
 _LO_MAX = 64  # DICOM LO value length
+DISCLAIMER = " - not for diagnosis"
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})   # VRs whose values use the character set
+_Result = TypeVar("_Result", bound=Dataset)
 
 
 class NothingFound(PacsaiError):
@@ -25,11 +32,14 @@ class NothingFound(PacsaiError):
 
 
 def encode_seg(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, uids: Mapping[str, str], *,
-               software_version: str, omit_empty_frames: bool = True) -> hd.seg.Segmentation:
+               software_version: str, omit_empty_frames: bool = True, revision: int = 1,
+               replaces_earlier: bool = False) -> hd.seg.Segmentation:
     """One BINARY segment per label present, one frame per source slice that holds it (every slice when
     omit_empty_frames is false: a destination profile's choice), aligned with the source.
 
     Segment numbers run 1..n over the present labels in ascending label number (see `present_labels`).
+    From `revision` 2 on the descriptions carry "v<n>", and with `replaces_earlier` say that this result replaces
+    an earlier one: a SEG has no attribute naming its predecessor (the SR has, see encode_sr).
     """
     labels = present_labels(volume, label_map, spec)
     if not labels:
@@ -38,8 +48,8 @@ def encode_seg(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, ui
     for segment_number, label in enumerate(labels, start=1):
         lookup[label.number] = segment_number
     name = f"AI {spec.name} {spec.version}"
-    return hd.seg.Segmentation(
-        source_images=list(volume.datasets), pixel_array=lookup[label_map],
+    seg = hd.seg.Segmentation(
+        source_images=source_images(volume), pixel_array=lookup[label_map], plane_positions=plane_positions(volume),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_describe(labels, spec, uids),
         series_instance_uid=uids["seg_series"], series_number=SEG_SERIES_NUMBER,
@@ -48,9 +58,69 @@ def encode_seg(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, ui
         software_versions=clip_lo(software_version),
         device_serial_number=device_serial_number(spec), transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=omit_empty_frames, content_label="AI_SEGMENTATION",
-        content_description=clip_lo(f"{name} segmentation - not for diagnosis"),
-        series_description=clip_lo(f"{name} SEG - not for diagnosis"),
+        content_description=disclaimed(f"{name} v{revision} replaces earlier" if replaces_earlier
+                                       else f"{name} {revised('segmentation', revision)}"),
+        series_description=disclaimed(f"{name} {revised('SEG', revision)}"),
     )
+    return declare_charset(reference_own_frames(seg, volume))
+
+
+def source_images(volume: Volume) -> list[Dataset]:
+    """The source instances as highdicom takes them: the slices' headers, or the one enhanced multi-frame header.
+
+    highdicom reads a multi-frame source's orientation and pixel spacing from its shared functional groups only;
+    when the source keeps them per frame (Philips), a copy gets those of the volume's frames as shared ones.
+    """
+    if not volume.frame_numbers:
+        return list(volume.datasets)
+    source = copy.deepcopy(volume.datasets[0])
+    if not source.get("SharedFunctionalGroupsSequence"):
+        source.SharedFunctionalGroupsSequence = [Dataset()]
+    shared = source.SharedFunctionalGroupsSequence[0]
+    first = source.PerFrameFunctionalGroupsSequence[volume.frame_numbers[0] - 1]
+    for keyword in ("PlaneOrientationSequence", "PixelMeasuresSequence"):
+        if keyword not in shared and keyword in first:
+            shared[keyword] = copy.deepcopy(first[keyword])
+    return [source]
+
+
+def plane_positions(volume: Volume) -> list[hd.PlanePositionSequence] | None:
+    """Positions of a multi-frame source's frames in slice order; None: highdicom takes each slice's own."""
+    if not volume.frame_numbers:
+        return None
+    return [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, frame_position(volume, k))
+            for k in range(len(volume.frame_numbers))]
+
+
+def frame_position(volume: Volume, k: int) -> tuple[float, float, float]:
+    """ImagePositionPatient of slice k's source frame (per-frame functional group, else shared)."""
+    ds = volume.datasets[k]
+    groups = ds.PerFrameFunctionalGroupsSequence[volume.frame_numbers[k] - 1]
+    if "PlanePositionSequence" not in groups:
+        groups = ds.SharedFunctionalGroupsSequence[0]
+    x, y, z = (float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient)
+    return x, y, z
+
+
+def reference_own_frames(seg: hd.seg.Segmentation, volume: Volume) -> hd.seg.Segmentation:
+    """Each SEG frame's source reference names exactly the frame it was made from.
+
+    highdicom matches a multi-frame source's frames by position and references every match; another stack at the
+    same positions (a Philips field map's phase frames) would be referenced too. Keep only the volume's frame.
+    """
+    if not volume.frame_numbers:
+        return seg
+    positions = np.asarray([frame_position(volume, k) for k in range(len(volume.frame_numbers))])
+    for groups in seg.PerFrameFunctionalGroupsSequence:
+        offsets = np.linalg.norm(positions - np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient,
+                                                        dtype=np.float64), axis=1)
+        number = volume.frame_numbers[int(np.argmin(offsets))]
+        for derivation in groups.get("DerivationImageSequence", []):
+            items = [item for item in derivation.SourceImageSequence if int(item.ReferencedFrameNumber) == number]
+            if not items:
+                raise ModelError("a SEG frame does not reference the source frame it was made from")
+            derivation.SourceImageSequence = items
+    return seg
 
 
 def present_labels(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec) -> tuple[Label, ...]:
@@ -105,3 +175,33 @@ def _describe(labels: Sequence[Label], spec: ModelSpec, uids: Mapping[str, str])
 def clip_lo(text: str) -> str:
     """Cut text to the 64 characters a DICOM LO value may hold."""
     return text[:_LO_MAX]
+
+
+def disclaimed(text: str) -> str:
+    """text + " - not for diagnosis" within one LO value: a long text is cut, never the disclaimer."""
+    return text[:_LO_MAX - len(DISCLAIMER)] + DISCLAIMER
+
+
+def revised(what: str, revision: int) -> str:
+    """`what` for the first result of a series and model ("SEG"), "SEG v2" for the one superseding it, and so on."""
+    return what if revision <= 1 else f"{what} v{revision}"
+
+
+def declare_charset(ds: _Result) -> _Result:
+    """Declare ISO_IR 192 (UTF-8) when a text value is not ASCII and UTF-8 is not declared yet; returns `ds`.
+
+    A result mixes the source's patient text (UTF-8 once loaded, see load.utf8_text) with ours (model and label
+    names from a spec). A source in the default repertoire declares no character set, so without this a non-ASCII
+    name of ours would be written as "?", or as undeclared latin-1.
+    """
+    if ds.get("SpecificCharacterSet") == "ISO_IR 192" or all(
+            _is_ascii(element.value) for element in ds.iterall() if element.VR in _TEXT_VRS):
+        return ds
+    ds.decode()   # values still held as bytes are read with the old declaration before it changes
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+def _is_ascii(value: object) -> bool:
+    values = value if isinstance(value, (list, MultiValue)) else [value]
+    return all(v is None or (v.isascii() if isinstance(v, bytes) else str(v).isascii()) for v in values)

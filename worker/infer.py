@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 
@@ -71,25 +72,57 @@ def scale_intensity(image: MetaTensor, pre: Preprocessing) -> MetaTensor:
 
 
 def _predict(model: LoadedModel, prepared: MetaTensor) -> torch.Tensor:
-    """Sliding-window logits (channels, x, y, z) on the CPU; AMP only on CUDA."""
+    """Sliding-window logits (channels, x, y, z) on the CPU; AMP only on CUDA.
+
+    W2: out of memory releases the device's cached memory and tries once more with half the window batch; a second
+    time is a ModelError (the job fails with that reason; the worker carries on). W7: NaN or infinite scores are a
+    ModelError too, since argmax would turn them into labels.
+    """
     pre = model.spec.preprocessing
     batch = prepared.as_tensor()[None].to(model.device, dtype=torch.float32)
-    amp = torch.autocast("cuda", dtype=torch.float16) if model.device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), amp:
-        logits = sliding_window_inference(batch, roi_size=pre.roi_size, sw_batch_size=pre.sw_batch_size,
-                                          predictor=model.module, overlap=pre.overlap, mode="gaussian",
-                                          device=torch.device("cpu"))
+    logits = _windows(model, batch, pre.sw_batch_size)
+    if logits is None:
+        smaller = max(1, pre.sw_batch_size // 2)
+        log.warning("model %s ran out of memory on %s with sw_batch_size %d; trying once more with %d",
+                    model.spec.name, model.device.type, pre.sw_batch_size, smaller)
+        logits = _windows(model, batch, smaller)
+        if logits is None:
+            raise ModelError(f"model {model.spec.name} ran out of memory on {model.device.type} again with "
+                             f"sw_batch_size {smaller}; not retried")
     if not isinstance(logits, torch.Tensor):
         raise ModelError(f"model {model.spec.name} returned {type(logits).__name__}, expected one tensor")
-    return logits[0].float()
+    scores = logits[0].float()
+    invalid = int((~torch.isfinite(scores)).sum())
+    if invalid:
+        raise ModelError(f"model {model.spec.name} returned NaN or infinite scores for {invalid} of {scores.numel()} "
+                         "values; no result made")
+    return scores
+
+
+def _windows(model: LoadedModel, batch: torch.Tensor, sw_batch_size: int) -> object | None:
+    """One sliding-window pass; None when the device ran out of memory (its cached memory released by then)."""
+    amp = torch.autocast("cuda", dtype=torch.float16) if model.device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), amp:
+            return sliding_window_inference(batch, roi_size=model.spec.preprocessing.roi_size,
+                                            sw_batch_size=sw_batch_size, predictor=model.module,
+                                            overlap=model.spec.preprocessing.overlap, mode="gaussian",
+                                            device=torch.device("cpu"))
+    except torch.cuda.OutOfMemoryError:
+        pass    # leave the except block first: its traceback holds the tensors whose memory is to be released
+    gc.collect()
+    torch.cuda.empty_cache()    # device-agnostic: does nothing unless CUDA was initialised
+    return None
 
 
 def map_back(grid_labels: NDArray[np.uint8], grid_affine: NDArray[np.float64], source_affine: NDArray[np.float64],
              source_shape: tuple[int, ...]) -> NDArray[np.uint8]:
     """Nearest-neighbour labels on the source grid; voxels outside the network grid get 0.
 
-    Orientation only permutes/flips axes and Spacing only rescales them, so source axis a maps to one grid axis
-    and index i there to round(scale * i + offset): a separable lookup, exact and cheap in memory.
+    Orientation only permutes/flips axes and Spacing only rescales them, so for an orthogonal source grid source
+    axis a maps to one grid axis and index i there to round(scale * i + offset): a separable lookup, exact and
+    cheap in memory. A sheared source (gantry tilt) was resampled onto an orthogonal grid with the full affine
+    (MONAI's Spacing keeps rotation, drops shear); its voxels are looked up one slice at a time.
     """
     to_grid = np.linalg.inv(grid_affine) @ source_affine
     linear = to_grid[:3, :3]
@@ -97,7 +130,7 @@ def map_back(grid_labels: NDArray[np.uint8], grid_affine: NDArray[np.float64], s
     on_axis = np.abs(linear[grid_axis, np.arange(3)])
     off_axis = np.abs(linear).sum(axis=0) - on_axis
     if sorted(grid_axis.tolist()) != [0, 1, 2] or np.any(off_axis > 1e-6 * on_axis):
-        raise ModelError("network grid is not an axis-aligned resampling of the source grid")
+        return _map_back_by_slice(grid_labels, to_grid, source_shape)
     padded = np.pad(np.transpose(grid_labels, grid_axis), 1)
     indices = []
     for axis in range(3):
@@ -106,3 +139,17 @@ def map_back(grid_labels: NDArray[np.uint8], grid_affine: NDArray[np.float64], s
         index = np.floor(position + 0.5).astype(np.intp) + 1
         indices.append(np.clip(index, 0, padded.shape[axis] - 1))
     return np.ascontiguousarray(padded[np.ix_(*indices)])
+
+
+def _map_back_by_slice(grid_labels: NDArray[np.uint8], to_grid: NDArray[np.float64],
+                       source_shape: tuple[int, ...]) -> NDArray[np.uint8]:
+    """General affine lookup: each source voxel (slice, row, column) → nearest grid voxel, 0 outside the grid."""
+    rows, columns = np.meshgrid(np.arange(source_shape[1]), np.arange(source_shape[2]), indexing="ij")
+    in_plane = to_grid[:3, 1, None, None] * rows + to_grid[:3, 2, None, None] * columns
+    labels = np.zeros(tuple(source_shape), dtype=np.uint8)
+    upper = np.asarray(grid_labels.shape)[:, None, None]
+    for k in range(source_shape[0]):
+        index = np.floor(in_plane + (to_grid[:3, 0] * k + to_grid[:3, 3])[:, None, None] + 0.5).astype(np.intp)
+        inside = np.all((index >= 0) & (index < upper), axis=0)
+        labels[k][inside] = grid_labels[index[0][inside], index[1][inside], index[2][inside]]
+    return labels

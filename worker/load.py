@@ -1,10 +1,18 @@
-"""Step 6 input: DICOM files of one series → Volume (decoded, rescaled, sorted along the slice normal)."""
+"""Step 6 input: DICOM files of one series → Volume (decoded, rescaled, sorted along the slice normal).
+
+A slice is a single-frame image or one frame of an enhanced multi-frame image (geometry and rescale from its
+per-frame or shared functional groups). Slices group into stacks: all single-frame images of one series form one
+stack; the frames of a multi-frame instance form one stack per orientation, frame type, Stack ID and dimension
+index other than the position in the stack (a Philips field map holds a magnitude and a phase stack at the same
+positions). The largest stack becomes the volume (ties: lowest Instance Number, then first frame); the rest is
+counted as not used, with the reason. A gantry tilt is kept as a sheared grid; uneven slice spacing is refused.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +31,12 @@ log = logging.getLogger(__name__)
 
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines that differ by less are the same orientation (≈0.06°)
 SPACING_TOLERANCE = 0.02  # slice steps may differ from their mean by 2% of it (rounding in ImagePositionPatient)
-_REQUIRED = ("PixelData", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+_REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
              "SeriesInstanceUID")
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 … .7.4
+_COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_IN_STACK = (pydicom.tag.Tag("InStackPositionNumber"), pydicom.tag.Tag("ImagePositionPatient"))
 
 
 class SeriesNotLoadable(StudyRejected):
@@ -35,36 +47,51 @@ class SeriesNotLoadable(StudyRejected):
         self.reason = reason
 
 
+class _NotASlice(Exception):
+    """A file that is not part of any volume; the message is the reason counted in the log."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Slice:
-    """One candidate image: its header and where it sits along the slice normal."""
+    """One candidate plane: its header, frame number (0: single-frame), geometry, rescale and stack."""
 
     ds: Dataset
+    frame: int
     position_mm: NDArray[np.float64]
-    along_normal_mm: float
+    orientation: NDArray[np.float64]
+    pixel_spacing_mm: NDArray[np.float64]
+    rescale: tuple[float, float] | None  # (slope, intercept) of a frame; None: the single-frame modality LUT
+    stack: Hashable
 
 
 def load_series(paths: Sequence[Path], *, min_slices: int = 2) -> Volume:
-    """Read the files, keep the largest series of axial-like images, check its geometry and decode it."""
-    images = _candidates(_read_all(paths))
-    if not images:
-        raise SeriesNotLoadable(f"none of {len(paths)} files is a single-frame image with position and orientation")
-    series = _largest_series(images)
-    if len(series) < min_slices:
-        raise SeriesNotLoadable(f"series has {len(series)} slice(s), at least {min_slices} are needed")
-    _check_same(series, "ImageOrientationPatient", "mixed orientations", tolerance=ORIENTATION_TOLERANCE)
-    _check_same(series, "PixelSpacing", "mixed pixel spacings", tolerance=1e-4)
-    _check_same(series, "Rows", "mixed image sizes")
-    _check_same(series, "Columns", "mixed image sizes")
-    slices = _sorted_along_normal(series)
+    """Read the files, keep the largest stack of image planes, check its geometry and decode it."""
+    not_used: Counter[str] = Counter()
+    planes = _candidates(sorted(_read_all(paths, not_used), key=_instance_order), not_used)
+    if not planes:
+        raise SeriesNotLoadable(f"none of {len(paths)} files holds an image slice with position and orientation"
+                                f"{_listed(not_used)}")
+    stack = _largest_stack(planes, not_used)
+    if len(stack) < min_slices:
+        raise SeriesNotLoadable(f"series has {len(stack)} slice(s), at least {min_slices} are needed")
+    _check_same(stack, "orientation", "mixed orientations in one series (ImageOrientationPatient differs)",
+                tolerance=ORIENTATION_TOLERANCE)
+    _check_same(stack, "pixel_spacing_mm", "mixed pixel spacings in one series (PixelSpacing differs)",
+                tolerance=1e-4)
+    _check_size(stack)
+    slices = _sorted_along_normal(stack)
     step = _slice_step(slices)
-    array = np.stack([_decode(s.ds) for s in slices])
-    affine = _affine(slices[0], step)
+    array = _decode_all(slices)
     for s in slices:
-        del s.ds.PixelData
-    log.info("loaded series: %d slices of %dx%d, %d files not used", len(slices), array.shape[1], array.shape[2],
-             len(paths) - len(slices))
-    return Volume(array=array, affine=affine, datasets=tuple(s.ds for s in slices))
+        if "PixelData" in s.ds:
+            del s.ds.PixelData
+        _complete_copied(s.ds)
+    log.info("loaded series: %d slices of %dx%d%s%s", len(slices), array.shape[1], array.shape[2],
+             " (frames of one enhanced multi-frame image)" if slices[0].frame else "",
+             f"; not used{_listed(not_used)}" if not_used else "")
+    frames = tuple(s.frame for s in slices) if slices[0].frame else ()
+    return Volume(array=array, affine=_affine(slices[0], step), datasets=tuple(s.ds for s in slices),
+                  frame_numbers=frames)
 
 
 def read_source(path: Path) -> Dataset:
@@ -88,56 +115,177 @@ def utf8_text(ds: Dataset) -> None:
     ds.SpecificCharacterSet = "ISO_IR 192"
 
 
-def _read_all(paths: Sequence[Path]) -> list[Dataset]:
+def _complete_copied(ds: Dataset) -> None:
+    """Repair what results copy from the source so that they stay valid: absent Type 2 patient and study attributes
+    get an empty value (highdicom reads each; the GE head CT has no PatientBirthDate), and a source marked
+    de-identified without saying how (Type 1C, empty in the GE head CT) says that the method was not stated."""
+    for keyword in _COPIED_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    if (str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod")
+            and not ds.get("DeidentificationMethodCodeSequence")):
+        ds.DeidentificationMethod = "not stated by the source"
+
+
+def _read_all(paths: Sequence[Path], not_used: Counter[str]) -> list[Dataset]:
     """Parse every file; unreadable ones are counted and skipped (a missing slice then shows as a gap)."""
     datasets: list[Dataset] = []
-    unreadable: Counter[str] = Counter()
     for path in paths:
         try:
             datasets.append(read_source(path))
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            unreadable[type(exc).__name__] += 1
-    if unreadable:
-        log.warning("skipped unreadable files: %s", dict(unreadable))
+            not_used[f"unreadable ({type(exc).__name__})"] += 1
     return datasets
 
 
-def _candidates(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """Single-frame greyscale images with geometry; localizers, SR, SEG, multi-frame and the like are dropped."""
-    kept = []
+def _instance_order(ds: Dataset) -> tuple[int, str]:
+    """Instance Number, then SOP Instance UID: ties between stacks go the same way whatever the file order."""
+    try:
+        number = int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    return number, str(ds.get("SOPInstanceUID", ""))
+
+
+def _listed(not_used: Counter[str]) -> str:
+    """': 3 localizer, 1 no pixel data' or '' — counts by reason, for logs and refusals."""
+    return (": " + ", ".join(f"{count} {reason}" for reason, count in sorted(not_used.items()))) if not_used else ""
+
+
+def _candidates(datasets: Sequence[Dataset], not_used: Counter[str]) -> list[_Slice]:
+    """Every plane of every image that can be part of a volume; the others are counted in not_used by reason."""
+    planes: list[_Slice] = []
     for ds in datasets:
-        if not all(keyword in ds for keyword in _REQUIRED):
-            continue
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
-            continue
-        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-        if "LOCALIZER" in image_type:
-            continue
-        kept.append(ds)
-    return kept
+        try:
+            _check_image(ds)
+            planes += _frames(ds) if "PerFrameFunctionalGroupsSequence" in ds else [_single(ds)]
+        except _NotASlice as exc:
+            not_used[str(exc)] += 1
+    return planes
 
 
-def _largest_series(images: Sequence[Dataset]) -> list[Dataset]:
-    """The images of the series with the most of them (ties go to the first series seen)."""
-    counts = Counter(str(ds.SeriesInstanceUID) for ds in images)
-    if len(counts) > 1:
-        log.info("files hold %d image series, using the largest", len(counts))
+def _check_image(ds: Dataset) -> None:
+    """Raise _NotASlice for what is no volume slice: no pixels, secondary captures and other secondary derived
+    images, localizers, mosaics, colour."""
+    if "PixelData" not in ds:
+        raise _NotASlice("no pixel data (SR, dose report, presentation state or similar)")
+    if str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE):
+        raise _NotASlice("secondary capture")
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if image_type[:2] == ["DERIVED", "SECONDARY"]:  # DERIVED\PRIMARY stays: e.g. lossy-compressed originals
+        raise _NotASlice("secondary derived image (reformat, projection or capture)")
+    if "LOCALIZER" in image_type:
+        raise _NotASlice("localizer")
+    if "MOSAIC" in image_type:
+        raise _NotASlice("mosaic (several slices tiled in one image)")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise _NotASlice("colour image")
+
+
+def _single(ds: Dataset) -> _Slice:
+    """A single-frame image as a plane of its series' stack."""
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise _NotASlice("multi-frame image without per-frame functional groups")
+    if not all(keyword in ds for keyword in _REQUIRED):
+        raise _NotASlice("image without position, orientation or pixel spacing")
+    return _Slice(ds=ds, frame=0, position_mm=_vector(ds.ImagePositionPatient, 3),
+                  orientation=_vector(ds.ImageOrientationPatient, 6), pixel_spacing_mm=_vector(ds.PixelSpacing, 2),
+                  rescale=None, stack=("series", str(ds.SeriesInstanceUID)))
+
+
+def _frames(ds: Dataset) -> list[_Slice]:
+    """The frames of an enhanced multi-frame image, each with its functional groups (per-frame before shared)."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != int(ds.get("NumberOfFrames", 0) or 0) or not all(k in ds for k in ("Rows", "Columns")):
+        raise _NotASlice("multi-frame image whose functional groups do not match its frames")
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    planes = []
+    for number, groups in enumerate(per_frame, start=1):
+        position = _group_item(groups, shared, "PlanePositionSequence").get("ImagePositionPatient")
+        orientation = _group_item(groups, shared, "PlaneOrientationSequence").get("ImageOrientationPatient")
+        spacing = _group_item(groups, shared, "PixelMeasuresSequence").get("PixelSpacing")
+        if position is None or orientation is None or spacing is None:
+            raise _NotASlice("multi-frame image without plane position, orientation or pixel spacing")
+        cosines = _vector(orientation, 6)
+        planes.append(_Slice(ds=ds, frame=number, position_mm=_vector(position, 3), orientation=cosines,
+                             pixel_spacing_mm=_vector(spacing, 2), rescale=_frame_rescale(ds, groups, shared),
+                             stack=_frame_stack(ds, groups, shared, cosines)))
+    return planes
+
+
+def _group_item(groups: Dataset, shared: Dataset, keyword: str) -> Dataset:
+    """The first item of a functional group macro, per-frame if present there, else shared, else empty."""
+    for source in (groups, shared):
+        if source.get(keyword):
+            item: Dataset = source[keyword][0]
+            return item
+    return Dataset()
+
+
+def _frame_rescale(ds: Dataset, groups: Dataset, shared: Dataset) -> tuple[float, float]:
+    """(slope, intercept) from Pixel Value Transformation, else the top-level attributes, else identity."""
+    item = _group_item(groups, shared, "PixelValueTransformationSequence")
+    slope = item.get("RescaleSlope", ds.get("RescaleSlope", 1.0))
+    intercept = item.get("RescaleIntercept", ds.get("RescaleIntercept", 0.0))
+    return float(slope if slope not in (None, "") else 1.0), float(intercept if intercept not in (None, "") else 0.0)
+
+
+def _frame_stack(ds: Dataset, groups: Dataset, shared: Dataset, orientation: NDArray[np.float64]) -> Hashable:
+    """What frames of one stack share: instance, orientation, frame type, Stack ID, non-positional dimensions."""
+    frame_type: tuple[str, ...] = ()
+    for source in (groups, shared):
+        for element in source:
+            if element.keyword.endswith("FrameTypeSequence") and element.value and not frame_type:
+                frame_type = tuple(str(v) for v in element.value[0].get("FrameType", []))
+    content = _group_item(groups, shared, "FrameContentSequence")
+    indices = content.get("DimensionIndexValues")
+    indices = [indices] if isinstance(indices, int) else list(indices or [])
+    pointers = [item.get("DimensionIndexPointer") for item in ds.get("DimensionIndexSequence", [])]
+    dimensions = tuple(int(v) for pointer, v in zip(pointers, indices, strict=False) if pointer not in _IN_STACK)
+    return ("frames", str(ds.SOPInstanceUID), tuple(np.round(orientation, 3).tolist()), frame_type,
+            str(content.get("StackID", "")), dimensions)
+
+
+def _vector(value: object, length: int) -> NDArray[np.float64]:
+    """A multi-valued number as a float vector of the expected length."""
+    try:
+        vector = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise _NotASlice("image with unreadable geometry values") from None
+    if vector.shape != (length,) or not np.all(np.isfinite(vector)):
+        raise _NotASlice("image with unreadable geometry values")
+    return vector
+
+
+def _largest_stack(planes: Sequence[_Slice], not_used: Counter[str]) -> list[_Slice]:
+    """The planes of the stack with the most of them (ties: the first in instance order); the rest are counted."""
+    counts = Counter(plane.stack for plane in planes)
     chosen = counts.most_common(1)[0][0]
-    return [ds for ds in images if str(ds.SeriesInstanceUID) == chosen]
+    if len(counts) > 1:
+        log.info("files hold %d image stacks, using the largest", len(counts))
+    for plane in planes:
+        if plane.stack != chosen:
+            not_used["frame(s) of another stack" if plane.frame else "image(s) of another series"] += 1
+    return [plane for plane in planes if plane.stack == chosen]
 
 
-def _check_same(series: Sequence[Dataset], keyword: str, problem: str, *, tolerance: float = 0.0) -> None:
-    """Refuse the series unless every image has (nearly) the same value of `keyword`."""
-    first = np.asarray(series[0].get(keyword), dtype=np.float64)
-    for ds in series[1:]:
-        value = np.asarray(ds.get(keyword), dtype=np.float64)
-        if value.shape != first.shape or not np.allclose(value, first, rtol=0.0, atol=tolerance):
-            raise SeriesNotLoadable(f"{problem} in one series ({keyword} differs)")
+def _check_same(stack: Sequence[_Slice], field: str, problem: str, *, tolerance: float) -> None:
+    """Refuse the stack unless every plane has (nearly) the same value of `field`."""
+    first = getattr(stack[0], field)
+    for plane in stack[1:]:
+        if not np.allclose(getattr(plane, field), first, rtol=0.0, atol=tolerance):
+            raise SeriesNotLoadable(problem)
 
 
-def _normal(ds: Dataset) -> NDArray[np.float64]:
+def _check_size(stack: Sequence[_Slice]) -> None:
+    """Refuse a stack of images of different sizes."""
+    sizes = {(int(plane.ds.Rows), int(plane.ds.Columns)) for plane in stack}
+    if len(sizes) > 1:
+        raise SeriesNotLoadable("mixed image sizes in one series (Rows/Columns differ)")
+
+
+def _normal(orientation: NDArray[np.float64]) -> NDArray[np.float64]:
     """Unit slice normal: row direction × column direction (ImageOrientationPatient halves)."""
-    orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
     normal = np.cross(orientation[:3], orientation[3:])
     length = float(np.linalg.norm(normal))
     if length < 0.5 or abs(float(np.dot(orientation[:3], orientation[3:]))) > 0.01:
@@ -145,25 +293,23 @@ def _normal(ds: Dataset) -> NDArray[np.float64]:
     return normal / length
 
 
-def _sorted_along_normal(series: Sequence[Dataset]) -> list[_Slice]:
+def _sorted_along_normal(stack: Sequence[_Slice]) -> list[_Slice]:
     """Sort ascending by position projected on the normal; refuse duplicate positions."""
-    normal = _normal(series[0])
-    slices = []
-    for ds in series:
-        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-        if position.shape != (3,):
-            raise SeriesNotLoadable("ImagePositionPatient does not hold 3 values")
-        slices.append(_Slice(ds=ds, position_mm=position, along_normal_mm=float(np.dot(position, normal))))
-    slices.sort(key=lambda s: s.along_normal_mm)
-    gaps = np.diff([s.along_normal_mm for s in slices])
+    normal = _normal(stack[0].orientation)
+    distances = [float(np.dot(plane.position_mm, normal)) for plane in stack]
+    order = np.argsort(distances, kind="stable")
+    gaps = np.diff(np.asarray(distances)[order])
     duplicates = int(np.count_nonzero(gaps < 1e-3))
     if duplicates:
         raise SeriesNotLoadable(f"{duplicates} slice(s) share a position with another slice (duplicate positions)")
-    return slices
+    return [stack[int(index)] for index in order]
 
 
 def _slice_step(slices: Sequence[_Slice]) -> NDArray[np.float64]:
-    """Mean step between neighbouring positions; refuse the series if steps differ beyond SPACING_TOLERANCE."""
+    """Mean step between neighbouring origins; refuse the series if steps differ beyond SPACING_TOLERANCE.
+
+    The step may be oblique to the image plane (gantry tilt): it stays so, and the affine is sheared.
+    """
     positions = np.stack([s.position_mm for s in slices])
     steps = np.diff(positions, axis=0)
     mean_step: NDArray[np.float64] = (positions[-1] - positions[0]) / (len(slices) - 1)
@@ -177,26 +323,46 @@ def _slice_step(slices: Sequence[_Slice]) -> NDArray[np.float64]:
     return mean_step
 
 
+def _decode_all(slices: Sequence[_Slice]) -> NDArray[np.float32]:
+    """Modality values of every slice, (slice, row, column) float32; a multi-frame instance is decoded once."""
+    if not slices[0].frame:
+        return np.stack([_decode(s.ds) for s in slices])
+    stored = _pixels(slices[0].ds)
+    if stored.ndim == 2:  # an enhanced image with one frame
+        stored = stored[None]
+    if stored.shape != (int(slices[0].ds.NumberOfFrames), int(slices[0].ds.Rows), int(slices[0].ds.Columns)):
+        raise SeriesNotLoadable(f"decoded image has shape {stored.shape}, expected frames x rows x columns")
+    array = np.empty((len(slices), *stored.shape[1:]), dtype=np.float32)
+    for k, s in enumerate(slices):
+        slope, intercept = s.rescale or (1.0, 0.0)
+        array[k] = stored[s.frame - 1].astype(np.float64) * slope + intercept
+    return array
+
+
 def _decode(ds: Dataset) -> NDArray[np.float32]:
     """Pixel data → modality values (rescale slope/intercept or modality LUT) as float32."""
-    try:
-        stored = ds.pixel_array
-    except SoftTimeLimitExceeded:  # the task's time limit, not a decoding fault
-        raise
-    except Exception as exc:  # pydicom raises many types; its text may quote element values
-        raise SeriesNotLoadable(f"pixel data could not be decoded ({type(exc).__name__})") from None
+    stored = _pixels(ds)
     if stored.shape != (int(ds.Rows), int(ds.Columns)):
         raise SeriesNotLoadable(f"decoded image has shape {stored.shape}, expected rows x columns")
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
 
 
+def _pixels(ds: Dataset) -> NDArray[np.generic]:
+    """Stored pixel values; decoding errors become a refusal that names only the exception type."""
+    try:
+        return np.asarray(ds.pixel_array)
+    except SoftTimeLimitExceeded:  # the task's time limit, not a decoding fault
+        raise
+    except Exception as exc:  # pydicom raises many types; its text may quote element values
+        raise SeriesNotLoadable(f"pixel data could not be decoded ({type(exc).__name__})") from None
+
+
 def _affine(first: _Slice, step: NDArray[np.float64]) -> NDArray[np.float64]:
     """Voxel (slice, row, column, 1) → LPS mm; column 0 is the measured slice step, not SliceThickness."""
-    orientation = np.asarray(first.ds.ImageOrientationPatient, dtype=np.float64)
-    row_spacing_mm, column_spacing_mm = (float(v) for v in first.ds.PixelSpacing)
+    row_spacing_mm, column_spacing_mm = (float(v) for v in first.pixel_spacing_mm)
     affine = np.eye(4, dtype=np.float64)
     affine[:3, 0] = step
-    affine[:3, 1] = orientation[3:] * row_spacing_mm  # down a column: rows advance
-    affine[:3, 2] = orientation[:3] * column_spacing_mm  # along a row: columns advance
+    affine[:3, 1] = first.orientation[3:] * row_spacing_mm  # down a column: rows advance
+    affine[:3, 2] = first.orientation[:3] * column_spacing_mm  # along a row: columns advance
     affine[:3, 3] = first.position_mm
     return affine
