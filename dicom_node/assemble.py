@@ -6,9 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
+from dataclasses import replace
 
 from dicom_node import audit, deidentify
-from dicom_node.route import Rule, SeriesHeader, route
+from dicom_node.route import Rule, SeriesHeader, explain, route
 from dicom_node.spool import Spool
 from worker.jobs import JobState, SeriesJob, SeriesState, job_id_for
 from worker.logs import log_context
@@ -32,6 +33,13 @@ def destination_for(settings: Settings, calling_ae: str) -> str:
     if settings.destination:
         return settings.destination
     return calling_ae if settings.peer(calling_ae) else ""
+
+
+def _revision_note(row: JobRow, supersedes: str) -> str:
+    """', revision 2 superseding job 1a2b3c4d' for a later job of a series and model; '' for its first."""
+    if row.revision <= 1:
+        return ""
+    return f", revision {row.revision}" + (f" superseding job {supersedes[:8]}" if supersedes else "")
 
 
 class Assembler:
@@ -91,6 +99,8 @@ class Assembler:
             self._spool.remove_series(row.study_key, row.series_key)
             audit.record_deleted(self._settings, row.study_key, row.series_key, f"{reason}: inputs deleted")
             log.info("series complete, %d instances, %s: not processed, spool cleaned", len(instances), reason)
+            if not models:
+                log.info("routing: %s", explain(self._rules, header) or "no rules")
             return
         jobs, refused = [], {}    # type: list[JobRow], dict[str, str]
         for model in models:
@@ -117,10 +127,17 @@ class Assembler:
             return ""
 
     def enqueue_pending(self) -> None:
-        """Put every pending job on the queue; a broker outage leaves them pending for the next tick."""
+        """Put every pending job on the queue; a broker outage leaves them pending for the next tick.
+
+        A later revision of a series and model waits until the earlier jobs have ended, then names the one whose
+        delivered results it supersedes (State.supersedes_for).
+        """
         for row in self._state.jobs_in(JobState.PENDING):
+            supersedes = self._state.supersedes_for(row)
+            if supersedes is None:
+                continue
             try:
-                self._enqueue(row.to_job())
+                self._enqueue(replace(row, supersedes=supersedes).to_job())
             except Exception as exc:
                 # unreachable, or refusing writes (Redis at maxmemory with noeviction): retried on the next tick
                 self._report_broker_failure(exc)
@@ -129,7 +146,7 @@ class Assembler:
                 log.warning("the broker accepts jobs again after %.0f s", time.time() - self._broker_failing_since)
                 self._broker_failing_since = None
             self._state.set_job(row.job_id, JobState.QUEUED)
-            log.info("job %s queued for model %s", row.job_id[:8], row.model)
+            log.info("job %s queued for model %s%s", row.job_id[:8], row.model, _revision_note(row, supersedes))
 
     def _report_broker_failure(self, exc: BaseException) -> None:
         """Log the first failure at once and then once a minute, naming the root cause's type (never its text)."""

@@ -19,10 +19,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from models.spec import ModelSpec
 from worker.classify import Classification
-from worker.encode_seg import MANUFACTURER, clip_lo, device_serial_number
+from worker.encode_seg import MANUFACTURER, clip_lo, declare_charset, device_serial_number, revised
 from worker.errors import ModelError
 from worker.load_image import display_grey
-from worker.uids import derive_uid
+from worker.uids import derive_uid, revision_base
 
 SC_SERIES_NUMBER = 9903
 MAX_SIDE_PX = 1024
@@ -33,9 +33,10 @@ _ANCHORS = ((0.0, (0, 0, 255)), (0.25, (0, 255, 255)), (0.5, (0, 255, 0)), (0.75
 _BANNER_RGB, _BANNER_TEXT_RGB, _LEGEND_RGB, _TEXT_RGB = (160, 0, 0), (255, 255, 255), (0, 0, 0), (255, 255, 255)
 
 
-def heatmap_uids(source_series_uid: str, model: str, version: str) -> dict[str, str]:
+def heatmap_uids(source_series_uid: str, model: str, version: str, revision: int = 1) -> dict[str, str]:
     """Series and instance UID of the heat-map SC, derived like worker.uids.output_uids (same base, new roles)."""
-    return {role: derive_uid(source_series_uid, model, version, role) for role in ("sc_series", "sc_instance")}
+    base = revision_base(source_series_uid, model, version, revision)
+    return {role: derive_uid(*base, role) for role in ("sc_series", "sc_instance")}
 
 
 def caption_for(result: Classification) -> str:
@@ -45,7 +46,7 @@ def caption_for(result: Classification) -> str:
 
 
 def encode_heatmap_sc(source: Dataset, heatmap: NDArray[np.float32], spec: ModelSpec, uids: Mapping[str, str], *,
-                      software_version: str, caption: str = "") -> hd.sc.SCImage:
+                      software_version: str, caption: str = "", revision: int = 1) -> hd.sc.SCImage:
     """RGB Secondary Capture in a new series of the source's study; uids needs "sc_series" and "sc_instance".
 
     `source` must still hold its pixel data; `heatmap` is 0..1 on its pixel grid (rows, columns).
@@ -58,7 +59,7 @@ def encode_heatmap_sc(source: Dataset, heatmap: NDArray[np.float32], spec: Model
     return secondary_capture(
         source, picture, series_uid=uids["sc_series"], series_number=SC_SERIES_NUMBER,
         instance_uid=uids["sc_instance"], instance_number=1,
-        series_description=f"{name} heat-map - not for diagnosis",
+        series_description=f"{name} {revised('heat-map', revision)} - not for diagnosis",
         derivation=f"{name}: Grad-CAM heat-map over the displayed image",
         equipment=(spec.name, software_version, device_serial_number(spec)), references=(source,))
 
@@ -76,7 +77,7 @@ def secondary_capture(source: Dataset, picture: NDArray[np.uint8], *, series_uid
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=picture, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        patient_orientation=patient_orientation or ("L", "F"),
+        patient_orientation=("L", "F"),   # placeholder: highdicom takes one letter per direction (no "PF" for oblique)
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom 0.28 annotates ints; mm are floats
         series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=instance_uid,
         instance_number=instance_number, manufacturer=MANUFACTURER, transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -86,6 +87,8 @@ def secondary_capture(source: Dataset, picture: NDArray[np.uint8], *, series_uid
         # highdicom wants an orientation for PATIENT; the SC's rows and columns run as the source's, so copy its
         # own over the placeholder above.
         sc.PatientOrientation = source.get("PatientOrientation", None)
+    else:
+        sc.PatientOrientation = list(patient_orientation)
     sc.Laterality = source.get("Laterality", None)  # General Series, Type 2C: the source's, or empty
     if "AnatomicalOrientationType" in source:
         sc.AnatomicalOrientationType = source.AnatomicalOrientationType
@@ -94,7 +97,7 @@ def secondary_capture(source: Dataset, picture: NDArray[np.uint8], *, series_uid
     sc.ConversionType = "WSD"  # made on a workstation from the source image
     sc.DerivationDescription = clip_lo(derivation)
     sc.SourceImageSequence = [reference_to(ds) for ds in references]
-    return sc
+    return declare_charset(sc)
 
 
 def reference_to(ds: Dataset) -> Dataset:

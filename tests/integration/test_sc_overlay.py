@@ -29,6 +29,7 @@ from worker.encode_overlay import (
     OVERLAY_SERIES_NUMBER,
     encode_seg_overlays,
     outline,
+    patient_orientation,
     segment_styles,
     window_grey,
 )
@@ -239,3 +240,24 @@ def test_the_pipeline_makes_overlays_for_a_profile_with_sc_and_again_from_the_se
     assert sorted(again) == overlays
     assert all(again[name].SOPInstanceUID == made[name].SOPInstanceUID for name in overlays)
     assert all((again[name].pixel_array == made[name].pixel_array).all() for name in overlays)
+
+
+def test_overlays_of_a_gantry_tilted_series_carry_its_oblique_orientation(shared: Path, spec: ModelSpec,
+                                                                          tmp_path: Path) -> None:
+    """The GE head CT is tilted: its columns run posterior and foot-ward ("PF"), which highdicom's own
+    one-letter-per-direction check refuses; the overlay still says where its rows and columns point."""
+    need("dciodvfy")
+    folder = shared / "dicom" / "dcm_qa_ct" / "GE_head_tilt"
+    files = sorted(folder.glob("*.dcm"))[:14]      # images 01-14: evenly spaced (the whole series is not)
+    tilted = load_series(files)
+    labels = np.zeros(tilted.array.shape, dtype=np.uint8)
+    labels[5:8, 200:300, 200:300] = LIVER.number
+    seg = _seg(tilted, labels, spec, omit_empty_frames=True)
+    overlays = [read_strict(to_bytes(sc)) for sc in encode_seg_overlays(seg, tilted)]
+    assert len(overlays) == 3
+    for index, sc in enumerate(overlays):
+        assert list(sc.PatientOrientation) == list(patient_orientation(tilted.datasets[5]) or ())
+        assert len(sc.PatientOrientation[1]) == 2          # oblique: two letters
+        path = tmp_path / f"overlay{index}.dcm"
+        path.write_bytes(to_bytes(sc))
+        assert dciodvfy_errors(path) == []
