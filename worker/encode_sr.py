@@ -1,6 +1,8 @@
 """Step 7: findings → highdicom Comprehensive 3D SR (TID 1500 Measurement Report), built but not written.
 
 encode_sr reports a segmentation (one group per label); encode_classification_sr reports one image's classification.
+A later result of the same series and model (revision 2, 3, …) names the SR it supersedes in its Predecessor
+Documents Sequence (see predecessor_of).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage
 
 from models.spec import Label, ModelSpec
 from worker.classify import Classification
@@ -20,8 +23,11 @@ from worker.encode_seg import (
     MANUFACTURER,
     clip_lo,
     coded,
+    declare_charset,
     device_serial_number,
+    disclaimed,
     present_labels,
+    revised,
     tracking_uid,
 )
 from worker.uids import derive_uid
@@ -78,10 +84,12 @@ def measure_labels(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec
 
 
 def encode_sr(seg: hd.seg.Segmentation | None, volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec,
-              uids: Mapping[str, str], *, software_version: str) -> hd.sr.Comprehensive3DSR:
+              uids: Mapping[str, str], *, software_version: str, revision: int = 1,
+              predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report with one group per spec label: a TID 1411 group per SEG segment, a 0 mL TID 1501 group otherwise.
 
     `seg` is None when encode_seg raised NothingFound; the report then says 0 mL for every label.
+    `predecessor` is the reference to the SR this one supersedes (predecessor_of), `revision` this result's number.
     """
     stats = measure_labels(volume, label_map, spec)
     if stats and seg is None:
@@ -100,14 +108,33 @@ def encode_sr(seg: hd.seg.Segmentation | None, volume: Volume, label_map: NDArra
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=_device(spec)),
         procedure_reported=_PROCEDURES.get(modality, codes.SCT.ImagingProcedure), imaging_measurements=groups)
-    return hd.sr.Comprehensive3DSR(
+    return declare_charset(hd.sr.Comprehensive3DSR(
         evidence=[*volume.datasets, *([] if seg is None else [seg])], content=report,
         series_instance_uid=uids["sr_series"], series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids["sr_instance"], instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,  # unverified machine output: PRELIMINARY
-        series_description=clip_lo(f"{name} SR - not for diagnosis"), manufacturer_model_name=clip_lo(spec.name),
+        series_description=disclaimed(f"{name} {revised('SR', revision)}"), manufacturer_model_name=clip_lo(spec.name),
         software_versions=clip_lo(software_version), device_serial_number=device_serial_number(spec),
-    )
+        previous_versions=None if predecessor is None else [predecessor],
+    ))
+
+
+def predecessor_of(sr: Dataset | None, study_uid: str) -> Dataset | None:
+    """A reference to an earlier SR of ours (its header as written to the outbox) in the study `study_uid`.
+
+    The study is the new result's own: the earlier SR is in the same study, and for a de-identified job only the
+    new job's study pseudonym is mapped back to the original on delivery (the SR's own UIDs are never replaced).
+    """
+    if sr is None:
+        return None
+    if str(sr.get("SOPClassUID", "")) != Comprehensive3DSRStorage:
+        raise ValueError("the superseded result is not a Comprehensive 3D SR")
+    reference = Dataset()
+    reference.StudyInstanceUID = study_uid
+    reference.SeriesInstanceUID = sr.SeriesInstanceUID
+    reference.SOPClassUID = sr.SOPClassUID
+    reference.SOPInstanceUID = sr.SOPInstanceUID
+    return reference
 
 
 def device_uid(spec: ModelSpec) -> str:
@@ -163,11 +190,13 @@ def _algorithm(spec: ModelSpec) -> hd.sr.AlgorithmIdentification:
 
 
 def encode_classification_sr(source: Dataset, result: Classification, spec: ModelSpec, uids: Mapping[str, str], *,
-                             software_version: str) -> hd.sr.Comprehensive3DSR:
+                             software_version: str, revision: int = 1,
+                             predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report with one TID 1501 group on the source image: the finding Present/Absent (qualitative
     evaluation), the probability and the decision threshold (UCUM "1"), all by the model as observer device.
 
     `source` is the classified image's header (pixel data not needed); uids needs "sr_series" and "sr_instance".
+    `revision` and `predecessor` as for encode_sr.
     """
     finding = coded(result.finding)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -183,11 +212,12 @@ def encode_classification_sr(source: Dataset, result: Classification, spec: Mode
         observation_context=hd.sr.ObservationContext(observer_device_context=_device(spec)),
         procedure_reported=_RADIOGRAPHY.get(str(source.get("Modality", "")), codes.SCT.ImagingProcedure),
         imaging_measurements=[group])
-    return hd.sr.Comprehensive3DSR(
+    return declare_charset(hd.sr.Comprehensive3DSR(
         evidence=[source], content=report, series_instance_uid=uids["sr_series"], series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids["sr_instance"], instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,  # unverified machine output: PRELIMINARY
-        series_description=clip_lo(f"AI {spec.name} {spec.version} SR - not for diagnosis"),
+        series_description=disclaimed(f"AI {spec.name} {spec.version} {revised('SR', revision)}"),
         manufacturer_model_name=clip_lo(spec.name), software_versions=clip_lo(software_version),
         device_serial_number=device_serial_number(spec),
-    )
+        previous_versions=None if predecessor is None else [predecessor],
+    ))

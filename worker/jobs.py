@@ -34,7 +34,11 @@ def job_id_for(series_key: str, model: str, instance_keys: Iterable[str]) -> str
 
 @dataclass(frozen=True, slots=True)
 class SeriesJob:
-    """One model run on one series; `manifest` is relative to the spool directory."""
+    """One model run on one series; `manifest` is relative to the spool directory.
+
+    `revision` counts the jobs of one series and model (a later instance set makes the next, see State.close_series);
+    `supersedes` is the job whose delivered results this one's replace ("" when none), set when it is queued.
+    """
 
     job_id: str
     study_key: str
@@ -42,13 +46,18 @@ class SeriesJob:
     model: str
     manifest: str
     destination: str
+    revision: int = 1
+    supersedes: str = ""
 
     def to_message(self) -> dict[str, str]:
-        return asdict(self)
+        return {**asdict(self), "revision": str(self.revision)}
 
     @classmethod
     def from_message(cls, message: Mapping[str, str]) -> SeriesJob:
-        return cls(**{name: str(message[name]) for name in cls.__dataclass_fields__})
+        """A message of this or an older release (without revision: a first job)."""
+        later = ("revision", "supersedes")
+        named = {name: str(message[name]) for name in cls.__dataclass_fields__ if name not in later}
+        return cls(**named, revision=int(message.get("revision", 1)), supersedes=str(message.get("supersedes", "")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import pydicom
 from billiard.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.spool import Spool, write_atomic
 from models.bundle import BundleError, run_bundle
@@ -69,15 +70,19 @@ def estimate_bytes(paths: Sequence[Path]) -> int:
 
 
 def process_series(paths: Sequence[Path], model: LoadedModel, *, memory_limit_bytes: int = 0,
-                   overlays: bool = False, omit_empty_frames: bool = True) -> list[Dataset]:
+                   overlays: bool = False, omit_empty_frames: bool = True, revision: int = 1,
+                   supersedes: Dataset | None = None) -> list[Dataset]:
     """Load one series, run the model and return the result datasets (segmentation: SEG if found + SR, and with
-    `overlays` the SEG as Secondary Captures; classification: SR + heat-map Secondary Capture)."""
+    `overlays` the SEG as Secondary Captures; classification: SR + heat-map Secondary Capture).
+
+    `revision` numbers the results of this series and model (worker.uids.revision_base); `supersedes` is the header
+    of the earlier SR they replace (superseded_sr), which the new SR names as its predecessor."""
     needed = estimate_bytes(paths)
     if memory_limit_bytes and needed > memory_limit_bytes:
         raise StudyRejected(f"series would need about {needed >> 20} MB in the worker, over the limit of "
                             f"{memory_limit_bytes >> 20} MB (PACSAI_WORKER_MEMORY_MB)")
     if model.spec.task is Task.CLASSIFICATION:
-        return classify_image(paths, model)
+        return classify_image(paths, model, revision=revision, supersedes=supersedes)
     try:
         volume = load.load_series(paths)
     except load.SeriesNotLoadable as exc:
@@ -85,17 +90,21 @@ def process_series(paths: Sequence[Path], model: LoadedModel, *, memory_limit_by
     started = time.monotonic()
     label_map = segment(model, volume)
     log.info("inference on %d slices took %.1f s", len(volume.datasets), time.monotonic() - started)
-    uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), model.spec.name, model.spec.version)
+    uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), model.spec.name, model.spec.version, revision)
     try:
         seg: hd.seg.Segmentation | None = encode_seg.encode_seg(
             volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION,
-            omit_empty_frames=omit_empty_frames)
+            omit_empty_frames=omit_empty_frames, revision=revision, replaces_earlier=supersedes is not None)
     except encode_seg.NothingFound:
         log.info("model found no segment in this series; the SR goes alone")
         seg = None
-    sr = encode_sr.encode_sr(seg, volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION)
+    sr = encode_sr.encode_sr(seg, volume, label_map, model.spec, uids, software_version=SOFTWARE_VERSION,
+                             revision=revision,
+                             predecessor=encode_sr.predecessor_of(supersedes, volume.datasets[0].StudyInstanceUID))
     results: list[Dataset] = [ds for ds in (seg, sr) if ds is not None]
-    if overlays and seg is not None:
+    if overlays and seg is not None and volume.frame_numbers:
+        log.warning("no SC overlays: drawing the frames of an enhanced multi-frame source is not supported")
+    elif overlays and seg is not None:
         results += encode_overlay.encode_seg_overlays(seg, volume)
     return results
 
@@ -113,7 +122,8 @@ def segment(model: LoadedModel, volume: Volume) -> NDArray[np.uint8]:
     return np.asarray(labels, dtype=np.uint8)
 
 
-def classify_image(paths: Sequence[Path], model: LoadedModel) -> list[Dataset]:
+def classify_image(paths: Sequence[Path], model: LoadedModel, *, revision: int = 1,
+                   supersedes: Dataset | None = None) -> list[Dataset]:
     """Classify the series' first image (one projection per series); SR with the finding, SC with the heat-map."""
     pre = classify.classification_spec(model.spec).preprocessing
     source = load.read_source(sorted(paths)[0])       # C8: its text as UTF-8, like a volume's
@@ -121,11 +131,13 @@ def classify_image(paths: Sequence[Path], model: LoadedModel) -> list[Dataset]:
     result = classify.classify(model, image)
     log.info("classification: probability %.3f, threshold %.3f", result.probability, result.threshold)
     series_uid = str(source.SeriesInstanceUID)
-    uids = output_uids(series_uid, model.spec.name, model.spec.version) | encode_sc.heatmap_uids(
-        series_uid, model.spec.name, model.spec.version)
-    sr = encode_sr.encode_classification_sr(image.header, result, model.spec, uids, software_version=SOFTWARE_VERSION)
+    uids = output_uids(series_uid, model.spec.name, model.spec.version, revision) | encode_sc.heatmap_uids(
+        series_uid, model.spec.name, model.spec.version, revision)
+    sr = encode_sr.encode_classification_sr(image.header, result, model.spec, uids, software_version=SOFTWARE_VERSION,
+                                            revision=revision,
+                                            predecessor=encode_sr.predecessor_of(supersedes, source.StudyInstanceUID))
     sc = encode_sc.encode_heatmap_sc(source, result.heatmap, model.spec, uids, software_version=SOFTWARE_VERSION,
-                                     caption=encode_sc.caption_for(result))
+                                     caption=encode_sc.caption_for(result), revision=revision)
     return [sr, sc]
 
 
@@ -139,10 +151,26 @@ def run(job: SeriesJob, settings: Settings, spool: Spool) -> Results:
     profile = settings.profile_for(job.destination)   # only what this destination may get is made
     datasets = process_series(paths, model, memory_limit_bytes=settings.worker_memory_mb << 20,
                               overlays=Output.SC in profile.outputs,
-                              omit_empty_frames=profile.seg_omit_empty_frames)
+                              omit_empty_frames=profile.seg_omit_empty_frames,
+                              revision=job.revision, supersedes=superseded_sr(settings, job))
     files = _write(outbox_for(settings, job.job_id), datasets)
     segments = sum(len(ds.SegmentSequence) for ds in datasets if ds.Modality == "SEG")
     return Results(files=tuple(files), segments=segments)
+
+
+def superseded_sr(settings: Settings, job: SeriesJob) -> Dataset | None:
+    """The SR of the job this one supersedes, as its outbox holds it (header only); None when there is none.
+
+    Read rather than derived: that job may have run another model version, or on a de-identified copy.
+    """
+    if not job.supersedes:
+        return None
+    try:
+        return pydicom.dcmread(outbox_for(settings, job.supersedes) / "sr.dcm", stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as exc:   # retention removed it, or that job made no SR
+        log.warning("the SR of superseded job %s is not in the outbox (%s); the new SR names no predecessor",
+                    job.supersedes[:8], type(exc).__name__)
+        return None
 
 
 def write_overlays(job: SeriesJob, settings: Settings, spool: Spool) -> tuple[Path, ...]:
@@ -153,7 +181,10 @@ def write_overlays(job: SeriesJob, settings: Settings, spool: Spool) -> tuple[Pa
         paths = spool.read_manifest(job.manifest)
     except (OSError, ValueError) as exc:
         raise StudyRejected(f"SEG or spooled series unreadable ({type(exc).__name__})") from exc
-    return _write(outbox, encode_overlay.encode_seg_overlays(seg, load.load_series(paths)))
+    volume = load.load_series(paths)
+    if volume.frame_numbers:
+        raise StudyRejected("SC overlays of an enhanced multi-frame source are not supported")
+    return _write(outbox, encode_overlay.encode_seg_overlays(seg, volume))
 
 
 def _write(outbox: Path, datasets: Sequence[Dataset]) -> tuple[Path, ...]:

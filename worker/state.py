@@ -39,7 +39,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 _ADDED_COLUMNS = (
     ("jobs", "owner", "TEXT NOT NULL DEFAULT ''"),                 # worker process running the job (host:pid)
     ("jobs", "due_at", "DOUBLE PRECISION NOT NULL DEFAULT 0"),    # when a retrying job is enqueued again
+    ("jobs", "revision", "INTEGER NOT NULL DEFAULT 1"),            # 1 + earlier jobs of its series and model
+    ("jobs", "supersedes", "TEXT NOT NULL DEFAULT ''"),            # job whose delivered results this one replaces
+    ("jobs", "superseded_by", "TEXT NOT NULL DEFAULT ''"),         # delivered job whose results replaced this one's
 )
+_ENDED = (JobState.DELIVERED.value, JobState.FAILED.value, JobState.DEAD.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +68,22 @@ class JobRow:
     state: JobState
     reason: str
     attempts: int
+    revision: int = 1
+    supersedes: str = ""
+    superseded_by: str = ""
 
     def to_job(self) -> SeriesJob:
         """The queue message for this job."""
-        return SeriesJob(self.job_id, self.study_key, self.series_key, self.model, self.manifest, self.destination)
+        return SeriesJob(self.job_id, self.study_key, self.series_key, self.model, self.manifest, self.destination,
+                         self.revision, self.supersedes)
 
 
-_JOB_COLUMNS = "job_id, series_key, study_key, model, manifest, destination, state, reason, attempts"
+_JOB_COLUMNS = ("job_id, series_key, study_key, model, manifest, destination, state, reason, attempts, revision,"
+                " supersedes, superseded_by")
 
 
 def _job_row(r: Sequence[Any]) -> JobRow:
-    return JobRow(r[0], r[1], r[2], r[3], r[4], r[5], JobState(r[6]), r[7], r[8])
+    return JobRow(r[0], r[1], r[2], r[3], r[4], r[5], JobState(r[6]), r[7], r[8], int(r[9]), r[10], r[11])
 
 
 class _Connection:
@@ -180,18 +189,25 @@ class State:
         return [(r[0], r[1]) for r in rows]
 
     def close_series(self, series_key: str, state: SeriesState, reason: str, jobs: Sequence[JobRow]) -> list[str]:
-        """Close a series and insert its jobs as pending; return the ids of jobs that are new (not seen before)."""
+        """Close a series and insert its jobs as pending; return the ids of jobs that are new (not seen before).
+
+        A new job of a series and model that had jobs before (instances arrived after it was complete, or it was
+        sent again with other instances) gets the next revision: its results supersede theirs (supersedes_for).
+        """
         now = time.time()
         new: list[str] = []
         with self._tx() as db:
             db.execute("UPDATE series SET state=?, reason=?, updated_at=? WHERE series_key=?",
                        (state.value, reason, now, series_key))
             for job in jobs:
+                revision = db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM jobs WHERE series_key=? AND model=?",
+                                      (job.series_key, job.model)).fetchone()[0]
                 cursor = db.execute(
                     "INSERT INTO jobs (job_id, series_key, study_key, model, manifest, destination, state,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
+                    " created_at, updated_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(job_id) DO NOTHING",
                     (job.job_id, job.series_key, job.study_key, job.model, job.manifest, job.destination,
-                     JobState.PENDING.value, now, now))
+                     JobState.PENDING.value, now, now, int(revision)))
                 if cursor.rowcount:
                     new.append(job.job_id)
         return new
@@ -209,9 +225,30 @@ class State:
         return next((_job_row(r) for r in rows), None)
 
     def set_job(self, job_id: str, state: JobState, reason: str = "", *, count_attempt: bool = False) -> None:
+        """Set a job's state; a job delivered marks the job it supersedes as superseded by it, in the same commit."""
         with self._tx() as db:
             db.execute("UPDATE jobs SET state=?, reason=?, attempts=attempts+?, updated_at=? WHERE job_id=?",
                        (state.value, reason, int(count_attempt), time.time(), job_id))
+            if state is JobState.DELIVERED:
+                db.execute("UPDATE jobs SET superseded_by=? WHERE job_id=(SELECT supersedes FROM jobs WHERE job_id=?)",
+                           (job_id, job_id))
+
+    def supersedes_for(self, job: JobRow) -> str | None:
+        """For a pending job: None while an earlier job of its series and model has not ended (that one goes first,
+        so results reach the PACS in order); else the latest earlier job delivered to the same destination ("" when
+        none), recorded as the job's `supersedes` (a retry sends the same)."""
+        if job.revision <= 1:
+            return ""
+        with self._tx() as db:
+            earlier = db.execute("SELECT job_id, state, destination FROM jobs WHERE series_key=? AND model=?"
+                                 " AND revision<? ORDER BY revision DESC", (job.series_key, job.model, job.revision))
+            rows = earlier.fetchall()
+            if any(state not in _ENDED for _, state, _ in rows):
+                return None
+            supersedes = next((str(job_id) for job_id, state, destination in rows
+                               if state == JobState.DELIVERED.value and destination == job.destination), "")
+            db.execute("UPDATE jobs SET supersedes=? WHERE job_id=?", (supersedes, job.job_id))
+        return supersedes
 
     def claim_job(self, job_id: str, owner: str, *, lease_s: float, alive: Callable[[str], bool],
                   max_attempts: int) -> str:

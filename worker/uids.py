@@ -1,4 +1,4 @@
-"""Deterministic output UIDs: the same (source series, model, version, role) always yields the same UID."""
+"""Deterministic output UIDs: the same (source series, model, version, revision, role) always yields the same UID."""
 
 from __future__ import annotations
 
@@ -14,7 +14,20 @@ def derive_uid(*parts: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
-def output_uids(source_series_uid: str, model: str, version: str) -> dict[str, str]:
-    """Series and instance UIDs for the SEG and SR made from one source series by one model version."""
+def revision_base(source_series_uid: str, model: str, version: str, revision: int = 1) -> tuple[str, ...]:
+    """What every result UID of one revision derives from.
+
+    Revision 1 (the first result of a series and model) keeps the base results always had, so a redelivered or
+    re-run first job replaces its own results; revision n > 1 (a later instance set, see State.close_series) adds
+    "revision n", so a superseding result is a new instance next to the one it supersedes, never over it.
+    """
+    if revision < 1:
+        raise ValueError(f"revision {revision}: revisions count from 1")
     base = (source_series_uid, model, version)
+    return base if revision == 1 else (*base, f"revision {revision}")
+
+
+def output_uids(source_series_uid: str, model: str, version: str, revision: int = 1) -> dict[str, str]:
+    """Series and instance UIDs for the SEG and SR made from one source series by one model version."""
+    base = revision_base(source_series_uid, model, version, revision)
     return {role: derive_uid(*base, role) for role in ("seg_series", "seg_instance", "sr_series", "sr_instance")}
