@@ -55,9 +55,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from worker.enqueue import DELIVER_QUEUE, infer_queue
 
     try:
-        names = served_models(settings)
-        # in a spawned child: torch must not run in the parent of Celery's forked pool (its threads deadlock there)
+        # in a spawned child: torch must not even load in the parent of Celery's forked pool (W6: CUDA initialised
+        # there is unusable in the children, and its thread pools deadlock them); the pool processes load it
         with multiprocessing.get_context("spawn").Pool(1) as pool:
+            names = pool.apply(served_models, (settings,))
             problem = pool.apply(check_models, (settings, names)) if names else "no model installed"
     except PacsaiError as exc:
         problem = str(exc)
@@ -143,6 +144,21 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_peers(settings: Settings, args: argparse.Namespace) -> int:
+    """E7: C-ECHO every configured peer; one line each, exit status 1 when any fails."""
+    from dicom_node.peers_check import check_peers, report
+
+    if not settings.peers:
+        print("no peers configured (PACSAI_PEERS)")
+        return 1
+    checks = check_peers(settings)
+    report(checks)
+    for check in checks:
+        print(f"{check.peer.ae_title:<16} {check.address:<28} {'ok' if check.reachable else 'FAILED':<7} "
+              f"{check.detail}")
+    return 0 if all(check.reachable for check in checks) else 1
+
+
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     """Print the audit trail, filtered by time and study (a study key, or a Study Instance UID to hash)."""
     from dicom_node.audit_log import format_entry, parse_time, read_entries, select, study_key_for
@@ -180,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts of instances, series, jobs and deliveries by state")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    sub.add_parser("check-peers", help="C-ECHO every configured peer (PACSAI_PEERS); exit 1 if one fails"
+                   ).set_defaults(func=cmd_check_peers)
     audit = sub.add_parser("audit", help="show the audit trail (DICOM audit messages), filtered")
     audit.add_argument("--since", help="ISO 8601 date or date-time (UTC unless a zone is given)")
     audit.add_argument("--until", help="ISO 8601 date or date-time")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -14,6 +14,12 @@ REGISTRY = CollectorRegistry()
 INSTANCES = Counter("pacsai_instances_received", "C-STORE requests answered, by outcome", ["outcome"],
                     registry=REGISTRY)
 ASSOCIATIONS = Counter("pacsai_associations", "Associations requested, by result", ["result"], registry=REGISTRY)
+PEER_REACHABLE = Gauge("pacsai_peer_reachable", "1 when the peer answered our last C-ECHO check (E7), else 0",
+                       ["peer"], registry=REGISTRY)
+
+
+def record_peer(ae_title: str, reachable: bool) -> None:
+    PEER_REACHABLE.labels(peer=ae_title).set(1 if reachable else 0)
 
 
 class StateCollector(Collector):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -29,7 +30,7 @@ from pynetdicom.association import Association
 from dicom_node import status
 from dicom_node.receive import set_nodelay
 from dicom_node.tls import tls_args
-from worker.errors import PeerUnavailable
+from worker.errors import PeerRefused, PeerUnavailable
 from worker.settings import Peer
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,18 @@ class SendResult:
 
 
 def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s: float = 60.0,
-               transfer_syntaxes: Sequence[str] = UNCOMPRESSED) -> list[SendResult]:
-    """C-STORE each file on one association; raise PeerUnavailable when the peer cannot be reached or drops us."""
+               transfer_syntaxes: Sequence[str] = UNCOMPRESSED, dimse_timeout_s: float | None = None
+               ) -> list[SendResult]:
+    """C-STORE each file on one association; raise PeerUnavailable when the peer cannot be reached or drops us,
+    PeerRefused when it rejects the association permanently (E2).
+
+    A C-STORE unanswered after `dimse_timeout_s` (default `timeout_s`) aborts the association (E6).
+    """
     datasets = [dcmread(path) for path in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    if dimse_timeout_s is not None:
+        ae.dimse_timeout = dimse_timeout_s
     ae.connection_timeout = min(timeout_s, 15.0)
     for sop_class, syntaxes in proposed_contexts(datasets, transfer_syntaxes).items():
         ae.add_requested_context(sop_class, syntaxes)
@@ -67,8 +75,7 @@ def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s:
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
                          tls_args=tls)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
-        raise PeerUnavailable(f"association with {peer.ae_title} {why}" + (" (TLS)" if tls else ""))
+        raise association_failure(assoc, peer, tls=bool(tls))
     results: list[SendResult] = []
     try:
         for path, ds in zip(files, datasets, strict=True):
@@ -77,6 +84,21 @@ def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s:
         if assoc.is_established:
             assoc.release()
     return results
+
+
+def association_failure(assoc: Association, peer: Peer, *, tls: bool = False) -> PeerUnavailable | PeerRefused:
+    """Why an association did not start: a permanent A-ASSOCIATE-RJ (called AE unknown, …) is PeerRefused and not
+    retried; a transient one (local limit exceeded, congestion), an abort or no connection is PeerUnavailable."""
+    suffix = " (TLS)" if tls else ""
+    answer = assoc.acceptor.primitive
+    if assoc.is_rejected and answer is not None:
+        result, source, reason = int(answer.result or 0), int(answer.result_source or 0), int(answer.diagnostic or 0)
+        text = f"association with {peer.ae_title} {status.describe_rejection(result, source, reason)}{suffix}"
+        if status.classify_rejection(result) is status.Outcome.PERMANENT:
+            return PeerRefused(text)
+        return PeerUnavailable(text)
+    why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
+    return PeerUnavailable(f"association with {peer.ae_title} {why}{suffix}")
 
 
 def _store(assoc: Association, path: Path, ds: Dataset, peer: Peer) -> SendResult:
@@ -92,9 +114,13 @@ def _store(assoc: Association, path: Path, ds: Dataset, peer: Peer) -> SendResul
                         peer.ae_title, UID(ds.SOPClassUID).name)
             return SendResult(path, status.Outcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
         ds = as_jpeg_baseline(ds)
+    started = time.monotonic()
     reply = assoc.send_c_store(ds)
-    if "Status" not in reply:
-        raise PeerUnavailable(f"no C-STORE reply from {peer.ae_title}")
+    if "Status" not in reply:     # DIMSE timeout (pynetdicom aborts the association then), abort, closed connection
+        waited_s, limit_s = time.monotonic() - started, float(assoc.dimse_timeout or 0)
+        timed_out = bool(limit_s) and waited_s >= limit_s * 0.95
+        why = f" within the DIMSE timeout of {limit_s:g} s; association aborted" if timed_out else ""
+        raise PeerUnavailable(f"no C-STORE reply from {peer.ae_title}{why}")
     code = int(reply.Status)
     result = SendResult(path, status.classify(code), code)
     log.info("C-STORE to %s: 0x%04X (%s)", peer.ae_title, code, result.outcome.value)

@@ -17,7 +17,8 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,29 +98,17 @@ def write_atomic(path: Path, data: bytes) -> None:
 
     The file is never executable (0640) and carries the hash of `data` (see the module docstring).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_for(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            _record_hash(handle.fileno(), hashlib.sha256(data).hexdigest())
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    with _placed(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        _record_hash(handle.fileno(), hashlib.sha256(data).hexdigest())
+        os.fsync(handle.fileno())
 
 
 def move_atomic(source: Path, path: Path) -> None:
     """write_atomic for a file already on disk (a streamed receipt): renamed when on the same file system, else
     copied by the kernel; never read into memory whole. `source` is gone afterwards unless it had to be copied."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_for(path)
-    try:
+    with _placed(path) as tmp:
         try:
             os.replace(source, tmp)
         except OSError as exc:
@@ -130,6 +119,16 @@ def move_atomic(source: Path, path: Path) -> None:
         with open(tmp, "rb") as handle:
             _record_hash(handle.fileno(), digest)
             os.fsync(handle.fileno())
+
+
+@contextmanager
+def _placed(path: Path) -> Iterator[Path]:
+    """A temp name beside `path` for the block to fill; then it becomes `path` (mode 0640, directory fsync'd),
+    or is removed when the block fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_for(path)
+    try:
+        yield tmp
         os.chmod(tmp, 0o640)
         os.replace(tmp, path)
     except BaseException:

@@ -29,3 +29,25 @@ def classify(status: int) -> Outcome:
     if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0xFE00):
         return Outcome.TRANSIENT
     return Outcome.PERMANENT
+
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 is permanent, 2 transient; reason texts by (source, reason)
+_RJ_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+_RJ_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+
+
+def classify_rejection(result: int) -> Outcome:
+    """An association rejection: "rejected-permanent" (1) is not retried, "rejected-transient" (2) is."""
+    return Outcome.TRANSIENT if result == 2 else Outcome.PERMANENT
+
+
+def describe_rejection(result: int, source: int, reason: int) -> str:
+    """An A-ASSOCIATE-RJ in words, with its three codes (for logs and job reasons)."""
+    kind = {1: "permanently", 2: "transiently"}.get(result, "with an unknown result")
+    why = _RJ_REASONS.get((source, reason), "reserved reason")
+    return f"rejected {kind} by the {_RJ_SOURCES.get(source, 'unknown source')}: {why} ({result}, {source}, {reason})"

@@ -83,6 +83,7 @@ class Settings:
     send_backoff_s: float = 5.0
     send_backoff_max_s: float = 600.0
     send_alert_after: int = 5                # failed delivery attempts before an ALERT log line and metric
+    dimse_timeout_s: float = 60.0            # a C-STORE (or C-ECHO) the peer leaves unanswered this long is aborted
     max_connections_per_address: int = 12    # TCP connections one source address may hold (raw sockets count)
     max_associations: int = 16               # concurrent associations; one more gets A-ASSOCIATE-RJ (2, 3, 2)
     metrics_host: str = "127.0.0.1"
@@ -199,6 +200,7 @@ class Settings:
             send_backoff_s=get("SEND_BACKOFF_S", _positive(float), _DEFAULT["send_backoff_s"]),
             send_backoff_max_s=get("SEND_BACKOFF_MAX_S", _positive(float), _DEFAULT["send_backoff_max_s"]),
             send_alert_after=get("SEND_ALERT_AFTER", _positive(int), _DEFAULT["send_alert_after"]),
+            dimse_timeout_s=get("DIMSE_TIMEOUT_S", _positive(float), _DEFAULT["dimse_timeout_s"]),
             max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", _positive(int),
                                             _DEFAULT["max_connections_per_address"]),
             max_associations=get("MAX_ASSOCIATIONS", _positive(int), _DEFAULT["max_associations"]),

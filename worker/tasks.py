@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, shared_task
 from celery.exceptions import Reject
+from celery.signals import worker_init
 
 from dicom_node import audit, deidentify
 from dicom_node.send import SendResult, send_files
 from dicom_node.spool import Spool
 from dicom_node.status import Outcome
-from worker import lease, outputs, pipeline
+from worker import lease  # pipeline and outputs import torch: imported in the tasks, in the pool children (W6)
 from worker.enqueue import DELIVER_TASK, INFER_TASK, enqueue_delivery
 from worker.errors import PeerRefused, PeerUnavailable, WorkerError
 from worker.jobs import Delivery, JobState, SeriesJob
@@ -27,6 +31,8 @@ from worker.state import JobRow, State
 log = logging.getLogger(__name__)
 MAX_INFER_ATTEMPTS = 3
 _per_process: dict[str, Any] = {}
+# W3: RuntimeError texts (and torch.AcceleratorError) of an accelerator that failed; out of memory is not one (W2)
+DEVICE_FAILURES = ("CUDA error", "CUDA driver", "cuDNN error", "CUBLAS_STATUS", "device-side assert", "NCCL error")
 
 
 def _context(task: Task) -> tuple[Settings, State, Spool]:
@@ -38,11 +44,28 @@ def _context(task: Task) -> tuple[Settings, State, Spool]:
     return _per_process["settings"], _per_process["state"], _per_process["spool"]
 
 
+@worker_init.connect
+def _before_fork(**_: object) -> None:
+    """W6: runs in the Celery parent before its pool forks; CUDA initialised here would be unusable in the children."""
+    _per_process["worker_pid"] = os.getpid()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        log.critical("not starting: CUDA is initialised in the worker's parent process, so its forked pool processes "
+                     "cannot use it; keep torch out of the parent, or run the worker with --pool solo or threads")
+        raise SystemExit(3)
+    log.info("fork check: torch %s in the worker's parent process; pool processes load it themselves",
+             "is loaded, CUDA not initialised," if torch is not None else "is not loaded")
+
+
 @shared_task(bind=True, name=INFER_TASK, acks_late=True)
 def infer(self: Task, message: dict[str, str]) -> str:
+    from worker import pipeline
+
     settings, state, spool = _context(self)
     job = SeriesJob.from_message(message)
     with log_context(job=job.job_id[:8], model=job.model):
+        if "unhealthy" in _per_process:     # W3: stopping after a device failure; another worker takes it
+            raise Reject(_per_process["unhealthy"], requeue=True)
         row = state.job(job.job_id)
         if row is not None and row.state in (JobState.ENCODED, JobState.DELIVERED):
             log.info("job already %s; not running it again", row.state.value)
@@ -72,12 +95,16 @@ def infer(self: Task, message: dict[str, str]) -> str:
             with lease.renewed(state, job.job_id, owner):
                 results = pipeline.run(job, settings, spool)
         except WorkerError as exc:
+            if device_failed(exc):          # e.g. the model could not be moved to a GPU that is gone
+                _hand_back(state, job.job_id, exc)
             return _give_up_or_retry(settings, state, job.job_id, exc, retryable=exc.retryable)
         except SoftTimeLimitExceeded:
             limit = WorkerError(f"the job ran past its time limit of {settings.task_time_limit_s:g} s")
             log.error("%s", limit)
             return _give_up_or_retry(settings, state, job.job_id, limit, retryable=True)
         except Exception as exc:  # unexpected: retry a bounded number of times, then dead
+            if device_failed(exc):
+                _hand_back(state, job.job_id, exc)
             log.exception("job failed unexpectedly (%s)", type(exc).__name__)
             return _give_up_or_retry(settings, state, job.job_id, exc, retryable=True)
         if not results.files:
@@ -87,6 +114,39 @@ def infer(self: Task, message: dict[str, str]) -> str:
         log.info("job encoded %d segment(s) into %d file(s)", results.segments, len(results.files))
         enqueue_delivery(self.app, Delivery(job.job_id, job.destination))
         return "encoded"
+
+
+def device_failed(exc: BaseException) -> bool:
+    """W3: whether the accelerator failed (lost, reset, illegal access), anywhere in the exception's chain.
+
+    Out of memory is a job's problem, not the device's (W2): it never counts, even when its text names CUDA.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kind = type(current)
+        if kind.__name__ == "OutOfMemoryError" or "out of memory" in str(current):
+            return False
+        if (kind.__module__, kind.__name__) == ("torch", "AcceleratorError") or (
+                isinstance(current, RuntimeError) and any(text in str(current) for text in DEVICE_FAILURES)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _hand_back(state: State, job_id: str, exc: BaseException) -> NoReturn:
+    """W3: this worker's accelerator failed. The job goes back to the queue for another worker (queued again, not
+    failed; the attempt still counts, so a job that breaks every GPU ends DEAD) and this worker shuts down gracefully.
+    """
+    reason = f"the worker's accelerator failed ({type(exc).__name__})"
+    _per_process["unhealthy"] = reason
+    state.set_job(job_id, JobState.QUEUED, f"handed back: {reason}")
+    log.critical("worker unhealthy: %s; the job goes back to the queue and this worker stops taking jobs", reason)
+    worker_pid = _per_process.get("worker_pid")
+    if worker_pid:      # warm shutdown: the Celery parent stops consuming and waits for this task to return
+        os.kill(int(worker_pid), signal.SIGTERM)
+    raise Reject(reason, requeue=True)
 
 
 def _give_up_or_retry(settings: Settings, state: State, job_id: str, exc: Exception, *, retryable: bool) -> str:
@@ -111,6 +171,8 @@ def _give_up_or_retry(settings: Settings, state: State, job_id: str, exc: Except
 
 @shared_task(bind=True, name=DELIVER_TASK, acks_late=True, max_retries=None)
 def deliver(self: Task, message: dict[str, str]) -> str:
+    from worker import outputs, pipeline
+
     settings, state, spool = _context(self)
     delivery = Delivery.from_message(message)
     with log_context(job=delivery.job_id[:8], destination=delivery.destination):
@@ -121,7 +183,8 @@ def deliver(self: Task, message: dict[str, str]) -> str:
         profile = settings.profile_for(peer.ae_title)   # which results this peer gets (worker/profiles.py)
         files = outputs.pending(pipeline.outbox_for(settings, delivery.job_id), state.deliveries(delivery.job_id),
                                 profile)
-        send = partial(_send, spool, state.job(delivery.job_id), peer, settings.ae_title, profile.transfer_syntaxes)
+        send = partial(_send, spool, state.job(delivery.job_id), peer, settings.ae_title, profile.transfer_syntaxes,
+                       dimse_timeout_s=settings.dimse_timeout_s)
         try:
             results = outputs.with_seg_fallback(send(files), send, profile=profile, peer=peer, job_id=delivery.job_id,
                                                 settings=settings, state=state, spool=spool)   # E5
@@ -151,7 +214,7 @@ def deliver(self: Task, message: dict[str, str]) -> str:
         except PeerRefused as exc:
             audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc), final=True)
             state.set_job(delivery.job_id, JobState.FAILED, str(exc))
-            log.error("delivery failed: %s", exc)
+            log.error("ALERT: delivery failed for good, not retried: %s", exc)   # E2 permanent RJ, E3 refusals
             raise Reject(str(exc), requeue=False) from exc
         state.set_job(delivery.job_id, JobState.DELIVERED)
         log.info("delivered %d file(s) to %s", len(files), peer.ae_title)
@@ -159,8 +222,11 @@ def deliver(self: Task, message: dict[str, str]) -> str:
 
 
 def _send(spool: Spool, job: JobRow | None, peer: Peer, calling_ae: str, transfer_syntaxes: tuple[str, ...],
-          files: list[Path]) -> list[SendResult]:
+          files: list[Path], *, dimse_timeout_s: float | None = None) -> list[SendResult]:
     """C-STORE files to the peer, proposing the transfer syntaxes of its profile (no files: nothing to do)."""
     # A10: a de-identified job's results get their identity back here, on the node's host
     files = deidentify.restore_identity(spool, job, files)
-    return send_files(files, peer, calling_ae=calling_ae, transfer_syntaxes=transfer_syntaxes) if files else []
+    if not files:
+        return []
+    return send_files(files, peer, calling_ae=calling_ae, transfer_syntaxes=transfer_syntaxes,
+                      dimse_timeout_s=dimse_timeout_s)
