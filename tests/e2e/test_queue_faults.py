@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 import redis as redis_client
 import yaml
-from pydicom import dcmread
 
 from tests.conftest import need
+from tests.e2e.test_faults import jobs, received, storescu
 from tests.services import (
     REPO,
     Process,
@@ -31,23 +30,6 @@ from worker.settings import Settings
 from worker.state import State
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def storescu(port: int, paths: list[Path]) -> None:
-    subprocess.run(["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "127.0.0.1", str(port),
-                    *map(str, paths)], check=True, timeout=120, capture_output=True)
-
-
-def jobs(data: Path) -> dict[str, int]:
-    state = State(data / "pacsai.db")
-    try:
-        return state.counts()["jobs"]
-    finally:
-        state.close()
-
-
-def received(folder: Path) -> list[str]:
-    return sorted(dcmread(p, stop_before_pixels=True).Modality for p in folder.iterdir() if p.is_file())
 
 
 def model_copy(tmp_path: Path, **preprocessing: object) -> Path:
