@@ -59,8 +59,6 @@ def _before_fork(**_: object) -> None:
 
 @shared_task(bind=True, name=INFER_TASK, acks_late=True)
 def infer(self: Task, message: dict[str, str]) -> str:
-    from worker import pipeline
-
     settings, state, spool = _context(self)
     job = SeriesJob.from_message(message)
     with log_context(job=job.job_id[:8], model=job.model):
@@ -92,6 +90,10 @@ def infer(self: Task, message: dict[str, str]) -> str:
             log.error("job is not in the database; dropped (was the database replaced?)")
             raise Reject("unknown job", requeue=False)
         try:
+            # only now, with the attempt counted: the first import of torch takes seconds, and a job whose time
+            # limit kills it during the import must still end dead after its attempts (Q6), not come back forever
+            from worker import pipeline
+
             with lease.renewed(state, job.job_id, owner):
                 results = pipeline.run(job, settings, spool)
         except WorkerError as exc:

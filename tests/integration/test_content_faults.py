@@ -735,7 +735,7 @@ def test_s4_file_and_directory_are_synced_before_the_success_reply(tmp_path: Pat
     def profile(frame: Any, event: str, arg: Any) -> None:
         if event == "c_call" and arg in (os.fsync, os.replace):
             code = frame.f_code.co_name
-            if code in ("move_atomic", "_fsync_dir"):
+            if code in ("move_atomic", "_placed", "_fsync_dir"):
                 target = frame.f_locals.get("path")
                 with lock:
                     events.append((f"{arg.__name__} in {code}", str(target)))
@@ -758,7 +758,7 @@ def test_s4_file_and_directory_are_synced_before_the_success_reply(tmp_path: Pat
     assert len(per_instance) == 3, events
     for steps in per_instance:   # received file moved next to its place, synced, renamed into place, directory synced
         assert [what for what, _ in steps] == ["replace in move_atomic", "fsync in move_atomic",
-                                               "replace in move_atomic", "fsync in _fsync_dir", "reply"], steps
+                                               "replace in _placed", "fsync in _fsync_dir", "reply"], steps
         final, directory, code = Path(steps[2][1]), Path(steps[3][1]), steps[4][1]
         assert final in spooled and directory == final.parent and code == "0x0000"
     for path, source in zip(sorted(spooled, key=lambda p: dcmread(p).InstanceNumber),
