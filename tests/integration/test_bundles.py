@@ -204,6 +204,7 @@ def test_classification_path_with_a_stand_in_network(tmp_path: Path, volumes: di
         run_bundle(model, volumes[MR])
 
 
+@pytest.mark.catalogue("W8")
 @pytest.mark.parametrize("series", [CT, MR], ids=["axial-ct", "oblique-mr"])
 def test_labels_land_on_the_source_voxels(series: Path, tmp_path: Path, volumes: dict[Path, Volume]) -> None:
     """spleen's transforms with a 1x1x1 convolution whose answer is known: label 1 where the scaled value > 0.5.

@@ -158,6 +158,7 @@ def referenced_plane(groups: Dataset) -> tuple[str, int]:
     return str(source.ReferencedSOPInstanceUID), int(source.get("ReferencedFrameNumber", 0) or 0)
 
 
+@pytest.mark.catalogue("W8")   # a viewer overlays a SEG frame where its plane position and reference say
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_seg_frame_sits_on_the_source_frame_it_references(runs: dict[str, Run], name: str) -> None:
     """Position, orientation and pixel spacing of each SEG frame equal its source's; one frame per source slice."""
@@ -195,6 +196,7 @@ def test_the_enhanced_seg_references_the_magnitude_stack_only(runs: dict[str, Ru
     assert sorted(number for _, number in referenced) == list(range(1, 33))
 
 
+@pytest.mark.catalogue("W8")   # a viewer overlays a SEG frame where its plane position and reference say
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_seg_pixels_agree_with_thresholding_the_source_frames(runs: dict[str, Run], name: str) -> None:
     """Resampled to the model grid and back, the labels still match the source's own values (≥ 95 % of pixels)."""
