@@ -4,17 +4,16 @@ is delivered (never dead or failed merely because the SEG was refused)."""
 from __future__ import annotations
 
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import evt
 
-from dicom_node.receive import set_nodelay
 from tests.checks import dciodvfy_errors
 from tests.conftest import need
+from tests.e2e.test_delivery import ScriptedPacs
 from tests.services import (
     free_port,
     pacsai_env,
@@ -111,25 +110,16 @@ def test_a_pacs_without_seg_gets_the_seg_as_sc_overlays(tmp_path: Path, ct_serie
     assert dciodvfy_errors(next(p for p in files if dcmread(p).SOPClassUID == SecondaryCaptureImageStorage)) == []
 
 
-class NoSegPacs:
+class NoSegPacs(ScriptedPacs):
     """A Storage SCP that negotiates every storage class but answers a SEG C-STORE with 0x0122."""
 
     def __init__(self, port: int) -> None:
-        self.received: list[str] = []
-        self._lock = threading.Lock()
-        ae = AE(ae_title="PACS")
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax)
-        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_CONN_OPEN, set_nodelay)]
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+        super().__init__([], port)
 
     def _store(self, event: evt.Event) -> int:
-        sop_class = str(event.request.AffectedSOPClassUID)
-        if sop_class == SegmentationStorage:
+        if str(event.request.AffectedSOPClassUID) == SegmentationStorage:
             return 0x0122
-        with self._lock:
-            self.received.append(sop_class)
-        return 0x0000
+        return super()._store(event)
 
 
 @pytest.mark.catalogue("E5")
@@ -154,6 +144,6 @@ def test_a_seg_answered_0x0122_falls_back_to_the_sr_alone(tmp_path: Path, ct_ser
     assert [(name, state, detail) for name, state, _, detail in deliveries] == [
         ("seg.dcm", "fallback", "0x0122: C-STORE answered 0x0122; fallback sr-only, 1 file(s)"),
         ("sr.dcm", "success", "0x0000")]
-    assert pacs.received == [COMPREHENSIVE_3D_SR]
+    assert [str(ds.SOPClassUID) for ds in pacs.received] == [COMPREHENSIVE_3D_SR]
     assert "PACS cannot store SEG (C-STORE answered 0x0122); fallback sr-only: sending 1 file(s) instead" in log
     assert not list((tmp_path / "data" / "outbox").glob("*/overlay-*.dcm"))    # no overlay made: none needed
