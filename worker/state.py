@@ -225,9 +225,10 @@ class State:
         return next((_job_row(r) for r in rows), None)
 
     def set_job(self, job_id: str, state: JobState, reason: str = "", *, count_attempt: bool = False) -> None:
-        """Set a job's state; a job delivered marks the job it supersedes as superseded by it, in the same commit."""
+        """Set a job's state (which ends any lease on it); a job delivered marks the job it supersedes as superseded
+        by it, in the same commit."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state=?, reason=?, attempts=attempts+?, updated_at=? WHERE job_id=?",
+            db.execute("UPDATE jobs SET state=?, reason=?, attempts=attempts+?, owner='', updated_at=? WHERE job_id=?",
                        (state.value, reason, int(count_attempt), time.time(), job_id))
             if state is JobState.DELIVERED:
                 db.execute("UPDATE jobs SET superseded_by=? WHERE job_id=(SELECT supersedes FROM jobs WHERE job_id=?)",
@@ -278,8 +279,27 @@ class State:
 
     def renew_lease(self, job_id: str, owner: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET updated_at=? WHERE job_id=? AND owner=? AND state=?",
-                       (time.time(), job_id, owner, JobState.RUNNING.value))
+            db.execute("UPDATE jobs SET updated_at=? WHERE job_id=? AND owner=?", (time.time(), job_id, owner))
+
+    def claim_delivery(self, job_id: str, owner: str, *, lease_s: float, alive: Callable[[str], bool]) -> bool:
+        """Hold the job's results for sending, unless another live process holds a fresh lease on them (a delivery
+        message the broker handed out twice must not send the results twice at the same time)."""
+        now = time.time()
+        with self._tx() as db:
+            lock = " FOR UPDATE" if db.postgres else ""
+            row = db.execute(f"SELECT state, owner, updated_at FROM jobs WHERE job_id=?{lock}", (job_id,)).fetchone()
+            if row is None:
+                return True     # nothing to protect; the task reports the unknown job itself
+            state, holder, renewed_at = row
+            if (state == JobState.ENCODED.value and holder and holder != owner and now - renewed_at < lease_s
+                    and alive(holder)):
+                return False
+            db.execute("UPDATE jobs SET owner=?, updated_at=? WHERE job_id=?", (owner, now, job_id))
+            return True
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET owner='' WHERE job_id=? AND owner=?", (job_id, owner))
 
     def running_owners(self, updated_before: float) -> list[tuple[JobRow, str, float]]:
         """Running jobs not renewed since `updated_before`: each with its holder and when it last renewed."""

@@ -182,42 +182,50 @@ def deliver(self: Task, message: dict[str, str]) -> str:
         if peer is None:
             state.set_job(delivery.job_id, JobState.FAILED, f"destination {delivery.destination} is not a known peer")
             raise Reject("unknown destination", requeue=False)
-        profile = settings.profile_for(peer.ae_title)   # which results this peer gets (worker/profiles.py)
-        files = outputs.pending(pipeline.outbox_for(settings, delivery.job_id), state.deliveries(delivery.job_id),
-                                profile)
-        send = partial(_send, spool, state.job(delivery.job_id), peer, settings.ae_title, profile.transfer_syntaxes,
-                       dimse_timeout_s=settings.dimse_timeout_s)
-        try:
-            results = outputs.with_seg_fallback(send(files), send, profile=profile, peer=peer, job_id=delivery.job_id,
-                                                settings=settings, state=state, spool=spool)   # E5
-            audit.record_sent(settings, state.job(delivery.job_id), peer, results)
-            for result in results:
-                state.record_delivery(delivery.job_id, result.path.name, peer.ae_title, result.outcome.value,
-                                      f"0x{result.code:04X}")
-            refused = [r for r in results if r.outcome is Outcome.PERMANENT]
-            if refused:
-                raise PeerRefused(f"{peer.ae_title} refused {len(refused)} file(s) with 0x{refused[0].code:04X}")
-            if any(r.outcome is Outcome.TRANSIENT for r in results):
-                raise PeerUnavailable(f"{peer.ae_title} is out of resources")
-        except PeerUnavailable as exc:
-            attempt = self.request.retries + 1
-            audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc),
-                                     final=attempt >= settings.send_max_attempts)
-            if attempt >= settings.send_max_attempts:
-                state.set_job(delivery.job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
+        owner = lease.owner()
+        if not state.claim_delivery(delivery.job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive):
+            # the broker handed this delivery out again while another process is sending it (Q10)
+            log.warning("results are being sent by another worker process; this second delivery is dropped")
+            return "duplicate"
+        with lease.renewed(state, delivery.job_id, owner):
+            profile = settings.profile_for(peer.ae_title)   # which results this peer gets (worker/profiles.py)
+            job_id = delivery.job_id
+            files = outputs.pending(pipeline.outbox_for(settings, job_id), state.deliveries(job_id), profile)
+            send = partial(_send, spool, state.job(job_id), peer, settings.ae_title, profile.transfer_syntaxes,
+                           dimse_timeout_s=settings.dimse_timeout_s)
+            try:
+                results = outputs.with_seg_fallback(send(files), send, profile=profile, peer=peer, job_id=job_id,
+                                                    settings=settings, state=state, spool=spool)   # E5
+                audit.record_sent(settings, state.job(delivery.job_id), peer, results)
+                for result in results:
+                    state.record_delivery(delivery.job_id, result.path.name, peer.ae_title, result.outcome.value,
+                                          f"0x{result.code:04X}")
+                refused = [r for r in results if r.outcome is Outcome.PERMANENT]
+                if refused:
+                    raise PeerRefused(f"{peer.ae_title} refused {len(refused)} file(s) with "
+                                      f"0x{refused[0].code:04X}")
+                if any(r.outcome is Outcome.TRANSIENT for r in results):
+                    raise PeerUnavailable(f"{peer.ae_title} is out of resources")
+            except PeerUnavailable as exc:
+                attempt = self.request.retries + 1
+                audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc),
+                                         final=attempt >= settings.send_max_attempts)
+                if attempt >= settings.send_max_attempts:
+                    state.set_job(delivery.job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
+                    raise Reject(str(exc), requeue=False) from exc
+                countdown = min(settings.send_backoff_s * 2 ** self.request.retries, settings.send_backoff_max_s)
+                failures = state.note_delivery_failure(delivery.job_id, f"delivery failing: {exc}")
+                log.warning("%s; attempt %d, retrying in %.0f s", exc, attempt, countdown)
+                if failures == settings.send_alert_after:
+                    log.error("ALERT: results for %s undelivered after %d attempts; still retrying", peer.ae_title,
+                              failures)
+                state.release_lease(delivery.job_id, owner)     # the retry may run in any process
+                raise self.retry(exc=exc, countdown=countdown) from exc
+            except PeerRefused as exc:
+                audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc), final=True)
+                state.set_job(delivery.job_id, JobState.FAILED, str(exc))
+                log.error("ALERT: delivery failed for good, not retried: %s", exc)   # E2 permanent RJ, E3 refusals
                 raise Reject(str(exc), requeue=False) from exc
-            countdown = min(settings.send_backoff_s * 2 ** self.request.retries, settings.send_backoff_max_s)
-            failures = state.note_delivery_failure(delivery.job_id, f"delivery failing: {exc}")
-            log.warning("%s; attempt %d, retrying in %.0f s", exc, attempt, countdown)
-            if failures == settings.send_alert_after:
-                log.error("ALERT: results for %s undelivered after %d attempts; still retrying", peer.ae_title,
-                          failures)
-            raise self.retry(exc=exc, countdown=countdown) from exc
-        except PeerRefused as exc:
-            audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc), final=True)
-            state.set_job(delivery.job_id, JobState.FAILED, str(exc))
-            log.error("ALERT: delivery failed for good, not retried: %s", exc)   # E2 permanent RJ, E3 refusals
-            raise Reject(str(exc), requeue=False) from exc
         state.set_job(delivery.job_id, JobState.DELIVERED)
         log.info("delivered %d file(s) to %s", len(files), peer.ae_title)
         return "delivered"

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import redis as redis_client
 import yaml
+from pynetdicom import evt
 
 from tests.conftest import need
+from tests.e2e.test_delivery import ScriptedPacs
 from tests.e2e.test_faults import jobs, received, storescu
 from tests.services import (
     REPO,
@@ -24,8 +29,8 @@ from tests.services import (
     wait_until,
 )
 from worker.celery_app import create_app
-from worker.enqueue import enqueue_job
-from worker.jobs import JobState
+from worker.enqueue import enqueue_delivery, enqueue_job
+from worker.jobs import Delivery, JobState
 from worker.settings import Settings
 from worker.state import State
 
@@ -136,3 +141,47 @@ def test_a_full_redis_refuses_jobs_loudly_and_they_wait_in_the_database(tmp_path
         client.config_set("maxmemory", "0")
         wait_until(lambda: jobs(data) == {"delivered": 1}, 180, "one delivered job", 0.5)
         assert received(inbox) == ["SEG", "SR"]
+
+
+class SlowPacs(ScriptedPacs):
+    """Answers each C-STORE after a pause, so a delivery is still under way when its copy arrives."""
+
+    def __init__(self, port: int, pause_s: float) -> None:
+        super().__init__([], port)
+        self.pause_s, self.storing = pause_s, threading.Event()
+
+    def _store(self, event: evt.Event) -> int:
+        self.storing.set()
+        time.sleep(self.pause_s)
+        return super()._store(event)
+
+
+@pytest.mark.catalogue("Q10")
+def test_a_delivery_handed_out_twice_sends_the_results_once(tmp_path: Path, ct_series: Path) -> None:
+    """The broker hands a delivery out again while the first is still sending to a slow PACS: the copy finds the
+    results held by a live sender and leaves them; the PACS stores each result once."""
+    need("storescu"), need("redis-server")
+    redis, url = start_redis(tmp_path / "redis")
+    pacs_port = free_port()
+    pacs = SlowPacs(pacs_port, pause_s=3.0)
+    env = pacsai_env(tmp_path / "data", port=free_port(), peers=f"PACS@127.0.0.1:{pacs_port}", broker_url=url,
+                     PACSAI_WORKER_CONCURRENCY="2")
+    try:
+        with supervised(redis) as processes:
+            processes.append(start_pacsai("node", tmp_path, env))
+            worker = start_pacsai("worker", tmp_path, env)
+            processes.append(worker)
+            subprocess.run(["storescu", "-xv", "-aet", "PACS", "-aec", "PACSAI", "+sd", "127.0.0.1",
+                            env["PACSAI_PORT"], str(ct_series)], check=True, timeout=120, capture_output=True)
+            assert pacs.storing.wait(180), "the delivery never reached the PACS"
+            data = tmp_path / "data"
+            state = State(data / "pacsai.db")
+            (row,) = state.jobs_in(JobState.ENCODED)
+            enqueue_delivery(create_app(Settings.from_env(env)), Delivery(row.job_id, "PACS"))
+            wait_until(lambda: "this second delivery is dropped" in worker.log(), 60, "the copy to be dropped", 0.2)
+            wait_until(lambda: jobs(data) == {"delivered": 1}, 120, "one delivered job", 0.5)
+            assert [(name, status, attempts) for name, status, attempts, _ in state.deliveries(row.job_id)] == [
+                ("seg.dcm", "success", 1), ("sr.dcm", "success", 1)]
+            assert sorted(ds.Modality for ds in pacs.received) == ["SEG", "SR"]
+    finally:
+        pacs.server.shutdown()

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,18 @@ def test_the_reconciler_takes_back_running_jobs_only_from_holders_that_are_gone(
     empty.jobs.clear()
     requeue_lost(state, settings, empty.queues(), later)
     assert {"alive", "remote"} <= {job.job_id for job in empty.jobs}
+
+
+def test_results_are_sent_by_one_process_at_a_time(tmp_path: Path, database: str) -> None:
+    """Q10 for deliveries: a second delivery message finds the results held by a live sender and leaves them."""
+    _, state, spool = setup(tmp_path, database)
+    add_job(state, spool, "j", JobState.ENCODED)                       # set_job: no lease left from inference
+    claim_delivery = partial(state.claim_delivery, "j", lease_s=lease.LEASE_S, alive=lease.alive)
+    assert claim_delivery(lease.owner())
+    assert not claim_delivery("gpu-box-2:77")
+    assert claim_delivery(f"{socket.gethostname()}:{dead_pid()}") is False     # we are alive and hold it
+    state.release_lease("j", lease.owner())                            # a retry may run anywhere
+    assert claim_delivery("gpu-box-2:77")
+    assert not claim_delivery(lease.owner())
+    state.set_job("j", JobState.DELIVERED)
+    assert claim_delivery(lease.owner())                               # ended: nothing held
