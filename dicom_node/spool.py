@@ -148,7 +148,7 @@ def check_intact(paths: Sequence[Path], *, what: str = "instance") -> None:
         elif file_hash(path) != expected:
             corrupted += 1
     if unchecked:
-        log.warning("%d of %d spooled file(s) carry no recorded hash and were not checked", unchecked, len(paths))
+        log.warning("%d of %d %s file(s) carry no recorded hash and were not checked", unchecked, len(paths), what)
     if corrupted:
         log.error("%d of %d spooled %s file(s) differ from the hash recorded when they were written", corrupted,
                   len(paths), what)

@@ -18,7 +18,7 @@ from celery.signals import worker_init
 
 from dicom_node import audit, deidentify
 from dicom_node.send import SendResult, send_files
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, SpoolCorrupted, check_intact
 from dicom_node.status import Outcome
 from worker import lease  # pipeline and outputs import torch: imported in the tasks, in the pool children (W6)
 from worker.enqueue import DELIVER_TASK, INFER_TASK, enqueue_delivery
@@ -221,6 +221,11 @@ def deliver(self: Task, message: dict[str, str]) -> str:
                               failures)
                 state.release_lease(delivery.job_id, owner)     # the retry may run in any process
                 raise self.retry(exc=exc, countdown=countdown) from exc
+            except SpoolCorrupted as exc:
+                audit.record_undelivered(settings, state.job(job_id), peer, str(exc), final=True)
+                state.set_job(job_id, JobState.FAILED, str(exc))
+                log.error("ALERT: results not sent: %s", exc)
+                raise Reject(str(exc), requeue=False) from exc
             except PeerRefused as exc:
                 audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc), final=True)
                 state.set_job(delivery.job_id, JobState.FAILED, str(exc))
@@ -234,6 +239,7 @@ def deliver(self: Task, message: dict[str, str]) -> str:
 def _send(spool: Spool, job: JobRow | None, peer: Peer, calling_ae: str, transfer_syntaxes: tuple[str, ...],
           files: list[Path], *, dimse_timeout_s: float | None = None) -> list[SendResult]:
     """C-STORE files to the peer, proposing the transfer syntaxes of its profile (no files: nothing to do)."""
+    check_intact(files, what="result")      # S7 for results: a file changed since it was written is never sent
     # A10: a de-identified job's results get their identity back here, on the node's host
     files = deidentify.restore_identity(spool, job, files)
     if not files:

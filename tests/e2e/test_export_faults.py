@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.receive import set_nodelay
+from dicom_node.spool import write_atomic
 from tests.services import REPO, Process, free_port, pacsai_env, start_pacsai, supervised, wait_until
 from worker.celery_app import create_app
 from worker.enqueue import enqueue_delivery
@@ -84,8 +86,11 @@ class Deployment:
     worker: Process
     pacs: dict[str, Pacs]
 
-    def deliver(self, destination: str, files: int = 2) -> str:
-        """A job encoded for `destination`, with `files` results in its outbox, and its delivery enqueued."""
+    def deliver(self, destination: str, files: int = 2, *, corrupt: bool = False) -> str:
+        """A job encoded for `destination`, with `files` results in its outbox, and its delivery enqueued.
+
+        The results are written as the pipeline writes them (write_atomic records their hash); `corrupt` flips a
+        byte of the first one afterwards, as a failing disk would."""
         job_id = uuid.uuid4().hex[:24]
         state = State(self.data / "pacsai.db")
         row = JobRow(job_id, f"series-{job_id}", f"study-{job_id}", "ct-organs-tiny", "manifest.json", destination,
@@ -98,7 +103,15 @@ class Deployment:
         for index in range(files):
             ds = dcmread(get_testdata_file("CT_small.dcm"))
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.save_as(outbox / f"result-{index}.dcm", enforce_file_format=True)
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            write_atomic(outbox / f"result-{index}.dcm", buffer.getvalue())
+        if corrupt:
+            with open(outbox / "result-0.dcm", "r+b") as handle:
+                handle.seek(-1, 2)
+                last = handle.read(1)
+                handle.seek(-1, 2)
+                handle.write(bytes([last[0] ^ 0xFF]))
         enqueue_delivery(create_app(self.settings), Delivery(job_id, destination))
         return job_id
 
@@ -265,3 +278,20 @@ def test_the_node_starts_with_unreachable_peers_but_says_so(tmp_path: Path, peer
         assert 'pacsai_peer_reachable{peer="GOOD"} 1.0' in metrics
         assert 'pacsai_peer_reachable{peer="CLOSED"} 0.0' in metrics
         assert 'pacsai_peer_reachable{peer="PICKY"} 0.0' in metrics
+
+
+@pytest.mark.catalogue("S7")
+def test_a_result_changed_on_disk_after_it_was_written_is_never_sent(deployment: Deployment) -> None:
+    """S7 for results: the outbox file no longer matches the hash recorded when it was written: the job fails with
+    the reason and nothing reaches the PACS (a healthy one: the same delivery without the flipped byte arrives)."""
+    pacs = deployment.pacs["SLOW"]
+    before = len(pacs.received)
+    job_id = deployment.deliver("SLOW", corrupt=True)
+    row = deployment.wait_for(job_id, JobState.FAILED, JobState.DEAD, JobState.DELIVERED)
+    assert row.state is JobState.FAILED
+    assert row.reason == "spooled result corrupted: 1 of 2 file(s) differ from what was received"
+    assert "ALERT: results not sent: spooled result corrupted" in deployment.worker.log()
+    assert len(pacs.received) == before
+    good = deployment.deliver("SLOW")
+    assert deployment.wait_for(good, JobState.FAILED, JobState.DEAD, JobState.DELIVERED).state is JobState.DELIVERED
+    assert len(pacs.received) == before + 2

@@ -115,7 +115,7 @@ def test_files_without_a_recorded_hash_are_passed_not_failed(spool: Spool, tmp_p
     path = spool.resolve(stored.path)
     os.removexattr(path, HASH_ATTRIBUTE)
     check_intact([path])
-    assert "1 of 1 spooled file(s) carry no recorded hash" in caplog.text
+    assert "1 of 1 instance file(s) carry no recorded hash" in caplog.text
 
 
 def test_concurrent_writers_cannot_leave_a_mismatched_hash(spool: Spool) -> None:
