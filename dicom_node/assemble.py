@@ -11,6 +11,7 @@ from dataclasses import replace
 from dicom_node import audit, deidentify
 from dicom_node.route import Rule, SeriesHeader, explain, route
 from dicom_node.spool import Spool
+from worker.errors import causes
 from worker.jobs import JobState, SeriesJob, SeriesState, job_id_for
 from worker.logs import log_context
 from worker.settings import Settings
@@ -156,9 +157,7 @@ class Assembler:
         elif now - self._broker_reported_at < BROKER_REPORT_EVERY_S:
             return
         self._broker_reported_at = now
-        cause = exc
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__   # type: ignore[assignment]
+        *_, cause = causes(exc)      # the root: e.g. redis' OutOfMemoryError under kombu's OperationalError
         pending = len(self._state.jobs_in(JobState.PENDING))
         diagnosis = self._diagnose()
         log.error("broker refused or unreachable for %.0f s (%s: %s)%s; %d job(s) wait in the database",

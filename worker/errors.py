@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class PacsaiError(Exception):
     """Root of every error we raise on purpose."""
@@ -38,3 +40,13 @@ class PeerUnavailable(WorkerError):
 
 class PeerRefused(WorkerError):
     retryable = False
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, then what it was raised from or during (__cause__, else __context__), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -29,9 +29,14 @@ Record = tuple[str, str, int, str]  # (file, status, attempts, detail) as State.
 
 def pending(outbox: Path, records: Sequence[Record], profile: Profile) -> list[Path]:
     """Outbox files the profile sends that are not delivered yet (after a SEG refusal, the fallback's too)."""
-    done = {name for name, status, _, _ in records if status in DONE}
+    done = delivered(records)
     return sorted(p for p in outbox.glob("*.dcm")
                   if p.name not in done and profile.sends(p.name, seg_refused=seg_was_refused(records)))
+
+
+def delivered(records: Sequence[Record]) -> set[str]:
+    """Files the peer has (stored, stored with a warning) or that a fallback replaced: never sent again."""
+    return {name for name, status, _, _ in records if status in DONE}
 
 
 def seg_was_refused(records: Sequence[Record]) -> bool:
@@ -69,6 +74,6 @@ def fallback_files(job_id: str, profile: Profile, settings: Settings, state: Sta
         if row is None:
             raise WorkerError("the job is not in the database")
         pipeline.write_overlays(row.to_job(), settings, spool)
-    done = {name for name, status, _, _ in state.deliveries(job_id) if status in DONE}
+    done = delivered(state.deliveries(job_id))
     return sorted(p for p in outbox.glob("*.dcm") if p.name not in done
                   and profile.sends(p.name, seg_refused=True) and not profile.sends(p.name))

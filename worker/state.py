@@ -46,6 +46,12 @@ _ADDED_COLUMNS = (
 _ENDED = (JobState.DELIVERED.value, JobState.FAILED.value, JobState.DEAD.value)
 
 
+def _held_elsewhere(holder: str, owner: str, renewed_at: float, now: float, lease_s: float,
+                    alive: Callable[[str], bool]) -> bool:
+    """Another process holds the job's lease: it renewed within `lease_s` and, as far as can be told, still runs."""
+    return bool(holder) and holder != owner and now - renewed_at < lease_s and alive(holder)
+
+
 @dataclass(frozen=True, slots=True)
 class SeriesRow:
     series_key: str
@@ -268,8 +274,7 @@ class State:
             if row is None:
                 return "unknown"
             state, holder, renewed_at, attempts = row
-            if (state == JobState.RUNNING.value and holder and holder != owner and now - renewed_at < lease_s
-                    and alive(holder)):
+            if state == JobState.RUNNING.value and _held_elsewhere(holder, owner, renewed_at, now, lease_s, alive):
                 return "held"
             if attempts >= max_attempts:
                 return "exhausted"
@@ -291,8 +296,7 @@ class State:
             if row is None:
                 return True     # nothing to protect; the task reports the unknown job itself
             state, holder, renewed_at = row
-            if (state == JobState.ENCODED.value and holder and holder != owner and now - renewed_at < lease_s
-                    and alive(holder)):
+            if state == JobState.ENCODED.value and _held_elsewhere(holder, owner, renewed_at, now, lease_s, alive):
                 return False
             db.execute("UPDATE jobs SET owner=?, updated_at=? WHERE job_id=?", (owner, now, job_id))
             return True

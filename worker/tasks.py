@@ -22,7 +22,7 @@ from dicom_node.spool import Spool, SpoolCorrupted, check_intact
 from dicom_node.status import Outcome
 from worker import lease  # pipeline and outputs import torch: imported in the tasks, in the pool children (W6)
 from worker.enqueue import DELIVER_TASK, INFER_TASK, enqueue_delivery
-from worker.errors import PeerRefused, PeerUnavailable, WorkerError
+from worker.errors import PeerRefused, PeerUnavailable, WorkerError, causes
 from worker.jobs import Delivery, JobState, SeriesJob
 from worker.logs import log_context
 from worker.settings import Peer, Settings
@@ -123,17 +123,13 @@ def device_failed(exc: BaseException) -> bool:
 
     Out of memory is a job's problem, not the device's (W2): it never counts, even when its text names CUDA.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(exc):
         kind = type(current)
         if kind.__name__ == "OutOfMemoryError" or "out of memory" in str(current):
             return False
         if (kind.__module__, kind.__name__) == ("torch", "AcceleratorError") or (
                 isinstance(current, RuntimeError) and any(text in str(current) for text in DEVICE_FAILURES)):
             return True
-        current = current.__cause__ or current.__context__
     return False
 
 
@@ -177,28 +173,29 @@ def deliver(self: Task, message: dict[str, str]) -> str:
 
     settings, state, spool = _context(self)
     delivery = Delivery.from_message(message)
-    with log_context(job=delivery.job_id[:8], destination=delivery.destination):
+    job_id = delivery.job_id
+    with log_context(job=job_id[:8], destination=delivery.destination):
         peer = settings.peer(delivery.destination)
         if peer is None:
-            state.set_job(delivery.job_id, JobState.FAILED, f"destination {delivery.destination} is not a known peer")
+            state.set_job(job_id, JobState.FAILED, f"destination {delivery.destination} is not a known peer")
             raise Reject("unknown destination", requeue=False)
         owner = lease.owner()
-        if not state.claim_delivery(delivery.job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive):
+        if not state.claim_delivery(job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive):
             # the broker handed this delivery out again while another process is sending it (Q10)
             log.warning("results are being sent by another worker process; this second delivery is dropped")
             return "duplicate"
-        with lease.renewed(state, delivery.job_id, owner):
+        with lease.renewed(state, job_id, owner):
             profile = settings.profile_for(peer.ae_title)   # which results this peer gets (worker/profiles.py)
-            job_id = delivery.job_id
+            job = state.job(job_id)
             files = outputs.pending(pipeline.outbox_for(settings, job_id), state.deliveries(job_id), profile)
-            send = partial(_send, spool, state.job(job_id), peer, settings.ae_title, profile.transfer_syntaxes,
+            send = partial(_send, spool, job, peer, settings.ae_title, profile.transfer_syntaxes,
                            dimse_timeout_s=settings.dimse_timeout_s)
             try:
                 results = outputs.with_seg_fallback(send(files), send, profile=profile, peer=peer, job_id=job_id,
                                                     settings=settings, state=state, spool=spool)   # E5
-                audit.record_sent(settings, state.job(delivery.job_id), peer, results)
+                audit.record_sent(settings, job, peer, results)
                 for result in results:
-                    state.record_delivery(delivery.job_id, result.path.name, peer.ae_title, result.outcome.value,
+                    state.record_delivery(job_id, result.path.name, peer.ae_title, result.outcome.value,
                                           f"0x{result.code:04X}")
                 refused = [r for r in results if r.outcome is Outcome.PERMANENT]
                 if refused:
@@ -208,30 +205,29 @@ def deliver(self: Task, message: dict[str, str]) -> str:
                     raise PeerUnavailable(f"{peer.ae_title} is out of resources")
             except PeerUnavailable as exc:
                 attempt = self.request.retries + 1
-                audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc),
-                                         final=attempt >= settings.send_max_attempts)
+                audit.record_undelivered(settings, job, peer, str(exc), final=attempt >= settings.send_max_attempts)
                 if attempt >= settings.send_max_attempts:
-                    state.set_job(delivery.job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
+                    state.set_job(job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
                     raise Reject(str(exc), requeue=False) from exc
                 countdown = min(settings.send_backoff_s * 2 ** self.request.retries, settings.send_backoff_max_s)
-                failures = state.note_delivery_failure(delivery.job_id, f"delivery failing: {exc}")
+                failures = state.note_delivery_failure(job_id, f"delivery failing: {exc}")
                 log.warning("%s; attempt %d, retrying in %.0f s", exc, attempt, countdown)
                 if failures == settings.send_alert_after:
                     log.error("ALERT: results for %s undelivered after %d attempts; still retrying", peer.ae_title,
                               failures)
-                state.release_lease(delivery.job_id, owner)     # the retry may run in any process
+                state.release_lease(job_id, owner)     # the retry may run in any process
                 raise self.retry(exc=exc, countdown=countdown) from exc
             except SpoolCorrupted as exc:
-                audit.record_undelivered(settings, state.job(job_id), peer, str(exc), final=True)
+                audit.record_undelivered(settings, job, peer, str(exc), final=True)
                 state.set_job(job_id, JobState.FAILED, str(exc))
                 log.error("ALERT: results not sent: %s", exc)
                 raise Reject(str(exc), requeue=False) from exc
             except PeerRefused as exc:
-                audit.record_undelivered(settings, state.job(delivery.job_id), peer, str(exc), final=True)
-                state.set_job(delivery.job_id, JobState.FAILED, str(exc))
+                audit.record_undelivered(settings, job, peer, str(exc), final=True)
+                state.set_job(job_id, JobState.FAILED, str(exc))
                 log.error("ALERT: delivery failed for good, not retried: %s", exc)   # E2 permanent RJ, E3 refusals
                 raise Reject(str(exc), requeue=False) from exc
-        state.set_job(delivery.job_id, JobState.DELIVERED)
+        state.set_job(job_id, JobState.DELIVERED)
         log.info("delivered %d file(s) to %s", len(files), peer.ae_title)
         return "delivered"
 
