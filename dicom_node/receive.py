@@ -120,23 +120,25 @@ class StoreHandler:
         self._log_key = log_key
 
     def __call__(self, event: evt.Event) -> int:
-        study_uid = _study_uid_of(event)    # before _store, which moves the received file into the spool
-        code = self._store(event)
+        code, study_uid = self._store(event)
+        if study_uid is None:     # refused before its header was read or validated: read just that (not yet moved)
+            study_uid = _study_uid_of(event)
         self._associations.tally(event.assoc, key_of(self._log_key, study_uid) if study_uid else "",
                                  str(event.context.abstract_syntax), stored=code == status.SUCCESS)
         return code
 
-    def _store(self, event: evt.Event) -> int:
+    def _store(self, event: evt.Event) -> tuple[int, str | None]:
+        """The status, and the study UID once it was read and validated (None before that)."""
         calling = event.assoc.requestor.ae_title
         bad_command = self._associations.command_refusal(event.assoc, int(getattr(event.request, "MessageID", 0)))
         if bad_command is not None:
             log.warning("refused instance from %s: %s (0x%04X)", calling, bad_command.reason, bad_command.status)
-            return bad_command.status
+            return bad_command.status, None
         problem = incoming.problem_of(event.request)
         if problem:   # C15: over PACSAI_MAX_INSTANCE_MB (never fits: 0xC001), or the disk filled while receiving
             code = TOO_LARGE if problem == incoming.TOO_LARGE else status.OUT_OF_RESOURCES
             log.warning("refused instance from %s: data set %s (0x%04X)", calling, problem, code)
-            return code
+            return code, None
         try:
             path = event.dataset_path       # streamed to disk as it arrived (dicom_node/incoming.py)
             ds = read_received(path, str(event.context.transfer_syntax))
@@ -145,22 +147,22 @@ class StoreHandler:
             sop_uid = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
             if sop_uid != str(getattr(event.request, "AffectedSOPInstanceUID", "")):
                 log.warning("refused instance from %s: SOPInstanceUID differs from the command's", calling)
-                return status.DATASET_DOES_NOT_MATCH
+                return status.DATASET_DOES_NOT_MATCH, study_uid
             header = header_of(ds)
             refusal = check_instance(ds, path.stat().st_size, transfer_syntax=str(event.context.transfer_syntax),
                                      source=path)
         except InvalidUid as exc:
             log.warning("refused instance from %s: %s", calling, exc)
-            return status.CANNOT_UNDERSTAND
+            return status.CANNOT_UNDERSTAND, None
         except RecursionError:  # C5: pydicom parses undefined-length sequences recursively
             log.warning("refused instance from %s: sequences nested too deep to decode", calling)
-            return status.CANNOT_UNDERSTAND
+            return status.CANNOT_UNDERSTAND, None
         except Exception as exc:  # malformed dataset: pydicom errors may quote values, so log the type only
             log.warning("refused instance from %s: unreadable dataset (%s)", calling, type(exc).__name__)
-            return status.CANNOT_UNDERSTAND
+            return status.CANNOT_UNDERSTAND, None
         if refusal is not None:
             log.warning("refused instance from %s: %s (0x%04X)", calling, refusal.reason, refusal.status)
-            return refusal.status
+            return refusal.status, study_uid
         try:
             stored = self._spool.put_file(study_uid, series_uid, sop_uid, path)
             self._state.record_instance(sop_key=stored.sop_key, series_key=stored.series_key,
@@ -168,12 +170,12 @@ class StoreHandler:
                                         called_ae=requested_titles(event)[1], header=header)
         except SpoolFull:
             log.warning("refused instance from %s: spool disk under its reserve", calling)
-            return status.OUT_OF_RESOURCES
+            return status.OUT_OF_RESOURCES, study_uid
         except OSError as exc:
             log.error("refused instance from %s: spool write failed (%s)", calling, type(exc).__name__)
-            return status.OUT_OF_RESOURCES
+            return status.OUT_OF_RESOURCES, study_uid
         self._associations.add(event.assoc, stored.series_key)
-        return status.SUCCESS
+        return status.SUCCESS, study_uid
 
 
 def build_ae(settings: Settings) -> AE:
