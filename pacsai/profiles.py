@@ -16,34 +16,54 @@ from typing import Any, TypeVar
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from worker.peers import check_ae_title
+from pacsai.notices import Notices, parse_notices
+from pacsai.peers import check_ae_title
 
 
 class Output(Enum):
     """Kinds of result a peer can get."""
 
-    SEG = "seg"            # DICOM Segmentation
-    SR = "sr"              # TID 1500 measurement report / classification report
-    SC = "sc"              # the SEG burned into Secondary Captures of its source slices (viewers without SEG)
-    HEATMAP = "heatmap"    # the classification heat-map Secondary Capture
+    SEG = "seg"  # DICOM Segmentation
+    SR = "sr"  # TID 1500 measurement report / classification report
+    SC = "sc"  # the SEG burned into Secondary Captures of its source slices (viewers without SEG)
+    HEATMAP = "heatmap"  # the classification heat-map Secondary Capture
+
+
+class Verify(Enum):
+    """How pacsai confirms that the peer has the delivered results (README "Proof of delivery")."""
+
+    COMMITMENT = "commitment"  # Storage Commitment Push Model (N-ACTION, then the peer's N-EVENT-REPORT)
+    QUERY = "query"  # C-FIND (Study Root, IMAGE level) for each result's SOP Instance UID
+    NONE = "none"  # a successful C-STORE is the proof
 
 
 class SegFallback(Enum):
     """What goes instead of the SEG when a peer refuses the SEG SOP class (catalogue E5)."""
 
-    SC = "sc"              # the SC overlay series
-    SR_ONLY = "sr-only"    # the SR, even where the profile does not list it; no image
-    SKIP = "skip"          # nothing instead; the profile's other outputs go as usual
-    FAIL = "fail"          # no fallback: the job fails, as any other refusal
+    SC = "sc"  # the SC overlay series
+    SR_ONLY = "sr-only"  # the SR, even where the profile does not list it; no image
+    SKIP = "skip"  # nothing instead; the profile's other outputs go as usual
+    FAIL = "fail"  # no fallback: the job fails, as any other refusal
 
 
-TRANSFER_SYNTAXES = {"explicit-le": ExplicitVRLittleEndian, "implicit-le": ImplicitVRLittleEndian,
-                     "jpeg-baseline": JPEGBaseline8Bit}
+TRANSFER_SYNTAXES = {
+    "explicit-le": ExplicitVRLittleEndian,
+    "implicit-le": ImplicitVRLittleEndian,
+    "jpeg-baseline": JPEGBaseline8Bit,
+}
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 OVERLAY_PREFIX = "overlay-"
 OUTPUT_FILES = {"seg.dcm": Output.SEG, "sr.dcm": Output.SR, "sc.dcm": Output.HEATMAP}
 _E = TypeVar("_E", bound=Enum)
-_KEYS = ("outputs", "seg_omit_empty_frames", "seg_fallback", "transfer_syntaxes")
+_KEYS = (
+    "outputs",
+    "seg_omit_empty_frames",
+    "seg_fallback",
+    "transfer_syntaxes",
+    "report_not_evaluated",
+    "notify",
+    "verify",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +73,21 @@ class Profile:
     outputs: frozenset[Output] = frozenset({Output.SEG, Output.SR, Output.HEATMAP})
     seg_omit_empty_frames: bool = True
     seg_fallback: SegFallback = SegFallback.SC
-    transfer_syntaxes: tuple[str, ...] = UNCOMPRESSED   # UIDs, in order of preference
+    transfer_syntaxes: tuple[str, ...] = UNCOMPRESSED  # UIDs, in order of preference
+    report_not_evaluated: bool = True  # an SR saying why, when the model refuses a series (outside its domain/OOD)
+    verify: Verify = Verify.NONE  # proof of delivery: the job ends committed once the peer confirms every result
+    notices: Notices | None = None  # HL7 ORU / FHIR DiagnosticReport to the RIS/EHR after delivery (pacsai/notices.py)
+
+    @property
+    def may_fall_back_to_sc(self) -> bool:
+        """A refused SEG would be replaced by SC overlays: they must be made with the results."""
+        return Output.SEG in self.outputs and self.seg_fallback is SegFallback.SC
 
     def sends(self, file_name: str, *, seg_refused: bool = False) -> bool:
         """Whether a file of the outbox goes to this peer; after a SEG refusal the fallback's files go too."""
         kind = output_of(file_name)
         if kind is None:
-            return True                      # not a result kind we name: sent, as before profiles
+            return True  # not a result kind we name: sent, as before profiles
         if kind is Output.SEG:
             return kind in self.outputs and not seg_refused
         if seg_refused and (kind, self.seg_fallback) in ((Output.SC, SegFallback.SC), (Output.SR, SegFallback.SR_ONLY)):
@@ -110,8 +138,13 @@ def parse_profiles(raw: Any) -> Profiles:
     peers = raw.get("peers") or {}
     if not isinstance(peers, Mapping):
         raise ValueError("'peers' must map AE titles to profiles")
-    return Profiles(peers=tuple((check_ae_title(str(title)), _profile(item or {}, default, f"peer {title}"))
-                                for title, item in peers.items()), default=default)
+    return Profiles(
+        peers=tuple(
+            (check_ae_title(str(title)), _profile(item or {}, default, f"peer {title}"))
+            for title, item in peers.items()
+        ),
+        default=default,
+    )
 
 
 def _profile(item: Any, base: Profile, where: str) -> Profile:
@@ -129,10 +162,18 @@ def _profile(item: Any, base: Profile, where: str) -> Profile:
         if not isinstance(item["seg_omit_empty_frames"], bool):
             raise ValueError(f"{where}: seg_omit_empty_frames must be true or false")
         changes["seg_omit_empty_frames"] = item["seg_omit_empty_frames"]
+    if "report_not_evaluated" in item:
+        if not isinstance(item["report_not_evaluated"], bool):
+            raise ValueError(f"{where}: report_not_evaluated must be true or false")
+        changes["report_not_evaluated"] = item["report_not_evaluated"]
+    if "verify" in item:
+        changes["verify"] = _choice(Verify, item["verify"], f"{where}: verify")
     if "seg_fallback" in item:
         changes["seg_fallback"] = _choice(SegFallback, item["seg_fallback"], f"{where}: seg_fallback")
     if "transfer_syntaxes" in item:
         changes["transfer_syntaxes"] = _transfer_syntaxes(item["transfer_syntaxes"], where)
+    if "notify" in item:
+        changes["notices"] = None if item["notify"] is None else parse_notices(item["notify"], where)
     return replace(base, **changes)
 
 

@@ -56,8 +56,9 @@ class _ThirdPartyRedactor(logging.Filter):
 
 def escape_controls(text: str) -> str:
     """Control characters as visible escapes (\\x1b, \\n, \\u2028): one log line stays one line, no terminal codes."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
-                        text)
+    return _CONTROL.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+    )
 
 
 class _SafeFormatter(logging.Formatter):

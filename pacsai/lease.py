@@ -14,11 +14,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from worker.state import State
+from pacsai.state import State
 
 log = logging.getLogger(__name__)
 RENEW_EVERY_S = 5.0
-LEASE_S = 6 * RENEW_EVERY_S     # a holder that has not renewed for this long has lost the job
+LEASE_S = 6 * RENEW_EVERY_S  # a holder that has not renewed for this long has lost the job
 
 
 def owner() -> str:
@@ -30,7 +30,7 @@ def alive(holder: str) -> bool:
     """Whether the holding process may still be running: only a process on this host can be checked directly."""
     host, _, pid = holder.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return True          # elsewhere: only the lease's age tells
+        return True  # elsewhere: only the lease's age tells
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -3,6 +3,8 @@
 Studies are named by their study key (the keyed hash that also names them in logs and in the spool), never by a UID
 or a patient value, so the trail can leave the hospital network (a central syslog) without carrying patient data;
 `pacsai audit --study <Study Instance UID>` hashes the UID with the deployment's key to find a study's events.
+
+Over 300 lines on purpose: one builder per audited event (PS3.15 A.5.3), all sharing one message schema.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from pathlib import Path
 from typing import Protocol
 from xml.etree.ElementTree import Element, SubElement, tostring
 
-from dicom_node.status import Outcome as DimseOutcome
-from worker.peers import Peer, PeerTls
-from worker.settings import Settings
-from worker.state import JobRow
+from pacsai.dimse import StoreOutcome
+from pacsai.peers import Peer, PeerTls, WebPeer
+from pacsai.settings import Settings
+from pacsai.state import JobRow
 
 log = logging.getLogger(__name__)
-Code = tuple[str, str, str]     # (code value, coding scheme designator, code meaning)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")   # not allowed in XML 1.0 (or a forged line): AE titles come from peers
+Code = tuple[str, str, str]  # (code value, coding scheme designator, code meaning)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not allowed in XML 1.0 (or a forged line): AE titles come from peers
 
 APPLICATION_ACTIVITY: Code = ("110100", "DCM", "Application Activity")
 INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
@@ -45,9 +47,10 @@ APPLICATION: Code = ("110150", "DCM", "Application")
 DESTINATION: Code = ("110152", "DCM", "Destination Role ID")
 SOURCE: Code = ("110153", "DCM", "Source Role ID")
 STUDY_KEY: Code = ("study-key", "99PACSAI", "Study key (keyed hash of the Study Instance UID)")
+OPERATOR_ACTION: Code = ("operator-action", "99PACSAI", "Operator action on a job (retry, rerun, cancel, redeliver)")
 
 
-class Outcome(IntEnum):
+class EventOutcome(IntEnum):
     SUCCESS = 0
     MINOR_FAILURE = 4
     SERIOUS_FAILURE = 8
@@ -66,11 +69,11 @@ class Participant:
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     event: Code
-    action: str                                   # C create, R read, U update, D delete, E execute
-    outcome: Outcome
+    action: str  # C create, R read, U update, D delete, E execute
+    outcome: EventOutcome
     participants: tuple[Participant, ...]
     event_type: Code | None = None
-    description: str = ""                         # our words: counts, reasons; never values from a dataset
+    description: str = ""  # our words: counts, reasons; never values from a dataset
     study_key: str = ""
     sop_classes: tuple[tuple[str, int], ...] = ()  # (SOP Class UID, number of instances)
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -83,9 +86,15 @@ def _code(parent: Element, tag: str, code: Code) -> None:
 def to_xml(event: AuditEvent, source_id: str) -> str:
     """The event as one line of XML in the DICOM audit message schema (PS3.15 A.5.1)."""
     root = Element("AuditMessage")
-    ident = SubElement(root, "EventIdentification", {
-        "EventActionCode": event.action, "EventDateTime": event.at.isoformat(timespec="milliseconds"),
-        "EventOutcomeIndicator": str(int(event.outcome))})
+    ident = SubElement(
+        root,
+        "EventIdentification",
+        {
+            "EventActionCode": event.action,
+            "EventDateTime": event.at.isoformat(timespec="milliseconds"),
+            "EventOutcomeIndicator": str(int(event.outcome)),
+        },
+    )
     _code(ident, "EventID", event.event)
     if event.event_type:
         _code(ident, "EventTypeCode", event.event_type)
@@ -94,7 +103,7 @@ def to_xml(event: AuditEvent, source_id: str) -> str:
     for who in event.participants:
         attributes = {"UserID": _CONTROL.sub("?", who.user_id), "UserIsRequestor": str(who.requestor).lower()}
         if who.address:
-            kind = "2" if _is_ip(who.address) else "1"        # IP address, else machine name
+            kind = "2" if _is_ip(who.address) else "1"  # IP address, else machine name
             attributes |= {"NetworkAccessPointID": _CONTROL.sub("?", who.address), "NetworkAccessPointTypeCode": kind}
         participant = SubElement(root, "ActiveParticipant", attributes)
         if who.role:
@@ -102,9 +111,15 @@ def to_xml(event: AuditEvent, source_id: str) -> str:
     source = SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source_id})
     _code(source, "AuditSourceTypeCode", ("4", "DCM", "Application Server"))
     if event.study_key:
-        study = SubElement(root, "ParticipantObjectIdentification", {
-            "ParticipantObjectID": event.study_key, "ParticipantObjectTypeCode": "2",
-            "ParticipantObjectTypeCodeRole": "3"})
+        study = SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": event.study_key,
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "3",
+            },
+        )
         _code(study, "ParticipantObjectIDTypeCode", STUDY_KEY)
         for uid, count in event.sop_classes:
             SubElement(study, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
@@ -120,73 +135,128 @@ def _is_ip(text: str) -> bool:
 
 
 def _us(settings: Settings, called: str = "", role: Code | None = None, *, requestor: bool = False) -> Participant:
-    return Participant(called or settings.ae_title, socket.gethostname(), requestor, role)
+    return Participant(called or settings.node.ae_title, socket.gethostname(), requestor, role)
 
 
 def application(settings: Settings, *, started: bool) -> AuditEvent:
-    return AuditEvent(APPLICATION_ACTIVITY, "E", Outcome.SUCCESS, (_us(settings, role=APPLICATION),),
-                      APPLICATION_START if started else APPLICATION_STOP, f"pacsai node {os.getpid()}")
+    return AuditEvent(
+        APPLICATION_ACTIVITY,
+        "E",
+        EventOutcome.SUCCESS,
+        (_us(settings, role=APPLICATION),),
+        APPLICATION_START if started else APPLICATION_STOP,
+        f"pacsai node {os.getpid()}",
+    )
 
 
 def association_accepted(settings: Settings, calling: str, address: str, called: str, *, tls: bool) -> AuditEvent:
-    return AuditEvent(USER_AUTHENTICATION, "E", Outcome.SUCCESS,
-                      (Participant(calling, address, True, SOURCE), _us(settings, called, DESTINATION)), LOGIN,
-                      "association accepted" + (" over TLS" if tls else ""))
+    return AuditEvent(
+        USER_AUTHENTICATION,
+        "E",
+        EventOutcome.SUCCESS,
+        (Participant(calling, address, True, SOURCE), _us(settings, called, DESTINATION)),
+        LOGIN,
+        "association accepted" + (" over TLS" if tls else ""),
+    )
 
 
 def access_refused(settings: Settings, calling: str, address: str, called: str, why: str) -> AuditEvent:
     """A refused association or TLS handshake (calling AE unknown, wrong address, no or untrusted certificate)."""
-    return AuditEvent(SECURITY_ALERT, "E", Outcome.MINOR_FAILURE,
-                      (Participant(calling or address, address, True), _us(settings, called)), NODE_AUTHENTICATION,
-                      f"refused: {why}")
+    return AuditEvent(
+        SECURITY_ALERT,
+        "E",
+        EventOutcome.MINOR_FAILURE,
+        (Participant(calling or address, address, True), _us(settings, called)),
+        NODE_AUTHENTICATION,
+        f"refused: {why}",
+    )
 
 
-def instances_received(settings: Settings, calling: str, address: str, called: str, study_key: str,
-                       stored: Mapping[str, int], refused: int) -> AuditEvent:
+def instances_received(
+    settings: Settings, calling: str, address: str, called: str, study_key: str, stored: Mapping[str, int], refused: int
+) -> AuditEvent:
     """One event per study per association: instances stored (by SOP class) and refused."""
     count = sum(stored.values())
-    return AuditEvent(INSTANCES_TRANSFERRED, "C", Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS,
-                      (Participant(calling, address, True, SOURCE), _us(settings, called, DESTINATION)),
-                      description=f"{count} instance(s) stored, {refused} refused", study_key=study_key,
-                      sop_classes=tuple(sorted(stored.items())))
+    return AuditEvent(
+        INSTANCES_TRANSFERRED,
+        "C",
+        EventOutcome.MINOR_FAILURE if refused else EventOutcome.SUCCESS,
+        (Participant(calling, address, True, SOURCE), _us(settings, called, DESTINATION)),
+        description=f"{count} instance(s) stored, {refused} refused",
+        study_key=study_key,
+        sop_classes=tuple(sorted(stored.items())),
+    )
 
 
 class _Sent(Protocol):
     @property
-    def outcome(self) -> DimseOutcome: ...
+    def outcome(self) -> StoreOutcome: ...
 
 
-def results_sent(settings: Settings, study_key: str, peer: Peer, results: Sequence[_Sent]) -> AuditEvent:
-    ok = sum(1 for r in results if r.outcome in (DimseOutcome.SUCCESS, DimseOutcome.WARNING))
-    outcome = Outcome.SUCCESS if ok == len(results) else Outcome.MINOR_FAILURE
-    return AuditEvent(INSTANCES_TRANSFERRED, "C", outcome,
-                      (_us(settings, role=SOURCE, requestor=True), Participant(peer.ae_title, peer.host, False,
-                                                                               DESTINATION)),
-                      description=f"results: {ok} of {len(results)} file(s) accepted" + (" over TLS" if peer.tls
-                                                                                         else ""),
-                      study_key=study_key)
+def results_sent(settings: Settings, study_key: str, peer: Peer | WebPeer, results: Sequence[_Sent]) -> AuditEvent:
+    ok = sum(1 for r in results if r.outcome in (StoreOutcome.SUCCESS, StoreOutcome.WARNING))
+    outcome = EventOutcome.SUCCESS if ok == len(results) else EventOutcome.MINOR_FAILURE
+    return AuditEvent(
+        INSTANCES_TRANSFERRED,
+        "C",
+        outcome,
+        (_us(settings, role=SOURCE, requestor=True), Participant(peer.ae_title, peer.host, False, DESTINATION)),
+        description=f"results: {ok} of {len(results)} file(s) accepted" + (" over TLS" if peer.tls else ""),
+        study_key=study_key,
+    )
 
 
-def results_undelivered(settings: Settings, study_key: str, peer: Peer, why: str, *, final: bool) -> AuditEvent:
+def results_undelivered(
+    settings: Settings, study_key: str, peer: Peer | WebPeer, why: str, *, final: bool
+) -> AuditEvent:
     """A delivery attempt that failed (peer down, refused, out of resources): retried, or given up when `final`."""
-    return AuditEvent(INSTANCES_TRANSFERRED, "C", Outcome.SERIOUS_FAILURE if final else Outcome.MINOR_FAILURE,
-                      (_us(settings, role=SOURCE, requestor=True), Participant(peer.ae_title, peer.host, False,
-                                                                               DESTINATION)),
-                      description=f"results not delivered ({'given up' if final else 'will retry'}): {why}",
-                      study_key=study_key)
+    return AuditEvent(
+        INSTANCES_TRANSFERRED,
+        "C",
+        EventOutcome.SERIOUS_FAILURE if final else EventOutcome.MINOR_FAILURE,
+        (_us(settings, role=SOURCE, requestor=True), Participant(peer.ae_title, peer.host, False, DESTINATION)),
+        description=f"results not delivered ({'given up' if final else 'will retry'}): {why}",
+        study_key=study_key,
+    )
 
 
-def study_deleted(settings: Settings, study_key: str, series_key: str,
-                  why: str = "retention: inputs and results deleted") -> AuditEvent:
-    return AuditEvent(STUDY_DELETED, "D", Outcome.SUCCESS, (_us(settings, requestor=True),),
-                      description=f"series {series_key[:12]}: {why}", study_key=study_key)
+def study_deleted(
+    settings: Settings, study_key: str, series_key: str, why: str = "retention: inputs and results deleted"
+) -> AuditEvent:
+    return AuditEvent(
+        STUDY_DELETED,
+        "D",
+        EventOutcome.SUCCESS,
+        (_us(settings, requestor=True),),
+        description=f"series {series_key[:12]}: {why}",
+        study_key=study_key,
+    )
 
 
 def deidentified_copy(settings: Settings, study_key: str, series_key: str, model: str, instances: int) -> AuditEvent:
     """A10: a de-identified copy of a series was made for a model that may run outside the hospital."""
-    return AuditEvent(EXPORT, "R", Outcome.SUCCESS, (_us(settings, role=SOURCE, requestor=True),),
-                      description=f"de-identified copy (PS3.15 E.1 basic profile) of series {series_key[:12]}, "
-                                  f"{instances} instance(s), for model {model}", study_key=study_key)
+    return AuditEvent(
+        EXPORT,
+        "R",
+        EventOutcome.SUCCESS,
+        (_us(settings, role=SOURCE, requestor=True),),
+        description=f"de-identified copy (PS3.15 E.1 basic profile) of series {series_key[:12]}, "
+        f"{instances} instance(s), for model {model}",
+        study_key=study_key,
+    )
+
+
+def operator_action(settings: Settings, operator: str, study_key: str, description: str) -> AuditEvent:
+    """An operator retried, re-ran, cancelled or re-delivered a job (pacsai jobs …, or the console)."""
+    return AuditEvent(
+        APPLICATION_ACTIVITY,
+        "U",
+        EventOutcome.SUCCESS,
+        (Participant(operator, "", True), _us(settings, role=APPLICATION)),
+        OPERATOR_ACTION,
+        description,
+        study_key=study_key,
+    )
 
 
 class AuditTrail:
@@ -212,7 +282,7 @@ class AuditTrail:
         except OSError as exc:
             log.error("ALERT: audit message not written (%s)", type(exc).__name__)
         if self._syslog is not None:
-            self._syslog.send(line, failure=event.outcome is not Outcome.SUCCESS)
+            self._syslog.send(line, failure=event.outcome is not EventOutcome.SUCCESS)
 
 
 class Syslog:
@@ -227,7 +297,7 @@ class Syslog:
         self._lock = threading.Lock()
 
     def send(self, message: str, *, failure: bool) -> None:
-        priority = 10 * 8 + (4 if failure else 5)      # facility 10 (security/authorization), warning or notice
+        priority = 10 * 8 + (4 if failure else 5)  # facility 10 (security/authorization), warning or notice
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         header = f"<{priority}>1 {stamp} {socket.gethostname()} pacsai {os.getpid()} IHE+RFC-3881 - "
         payload = header.encode() + b"\xef\xbb\xbf" + message.encode("utf-8")
@@ -271,15 +341,18 @@ _trails: dict[tuple[Path, str, str], AuditTrail] = {}
 
 def trail_for(settings: Settings) -> AuditTrail:
     """This process's trail for these settings (made once)."""
-    key = (settings.audit_path, settings.audit_syslog, settings.ae_title)
+    key = (settings.audit_path, settings.security.audit_syslog, settings.node.ae_title)
     if key not in _trails:
-        tls = PeerTls(ca=settings.tls_ca, cert=settings.tls_client_cert, key=settings.tls_client_key)
-        _trails[key] = AuditTrail(settings.audit_path, f"{settings.ae_title}@{socket.gethostname()}",
-                                  settings.audit_syslog, tls)
+        tls = PeerTls(
+            ca=settings.security.tls_ca, cert=settings.security.tls_client_cert, key=settings.security.tls_client_key
+        )
+        _trails[key] = AuditTrail(
+            settings.audit_path, f"{settings.node.ae_title}@{socket.gethostname()}", settings.security.audit_syslog, tls
+        )
     return _trails[key]
 
 
-def record_sent(settings: Settings, job: JobRow | None, peer: Peer, results: Sequence[_Sent]) -> None:
+def record_sent(settings: Settings, job: JobRow | None, peer: Peer | WebPeer, results: Sequence[_Sent]) -> None:
     """One line in the delivery task: audit one attempt that reached the peer (nothing to audit without files)."""
     if results:
         trail_for(settings).record(results_sent(settings, job.study_key if job else "", peer, results))
@@ -290,12 +363,18 @@ def record_deidentified(settings: Settings, study_key: str, series_key: str, mod
     trail_for(settings).record(deidentified_copy(settings, study_key, series_key, model, instances))
 
 
-def record_deleted(settings: Settings, study_key: str, series_key: str,
-                   why: str = "retention: inputs and results deleted") -> None:
+def record_deleted(
+    settings: Settings, study_key: str, series_key: str, why: str = "retention: inputs and results deleted"
+) -> None:
     """One line where series files are deleted: by the cleaner after retention, or at once when no model takes them."""
     trail_for(settings).record(study_deleted(settings, study_key, series_key, why))
 
 
-def record_undelivered(settings: Settings, job: JobRow | None, peer: Peer, why: str, *, final: bool) -> None:
+def record_undelivered(settings: Settings, job: JobRow | None, peer: Peer | WebPeer, why: str, *, final: bool) -> None:
     """One line in the delivery task: audit a failed attempt (the reason names the peer and status, no patient data)."""
     trail_for(settings).record(results_undelivered(settings, job.study_key if job else "", peer, why, final=final))
+
+
+def record_operator_action(settings: Settings, operator: str, study_key: str, description: str) -> None:
+    """One line in pacsai.job_actions: who did what to which job (our words and ids only)."""
+    trail_for(settings).record(operator_action(settings, operator, study_key, description))
