@@ -1,7 +1,8 @@
 """Association policy: which calling AE title may reach which of our AE titles, and from which address.
 
 pynetdicom checks AE titles but not addresses, so the node decides on EVT_REQUESTED (before negotiation) and answers
-A-ASSOCIATE-RJ itself; pynetdicom's own AE-title check stays on behind it as a second line.
+A-ASSOCIATE-RJ itself; pynetdicom's own AE-title check stays on behind it as a second line. Only associations that
+passed this check count toward PACSAI_MAX_ASSOCIATIONS (pynetdicom would count every raw socket, see `guard`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from typing import Any
 
 from pynetdicom import evt
 
-from dicom_node import audit
-from dicom_node.audit import AuditTrail
+from dicom_node.guard import socket_open
 from dicom_node.metrics import ASSOCIATIONS
-from worker.peers import Caller
-from worker.settings import Settings
+from pacsai import audit
+from pacsai.audit import AuditTrail
+from pacsai.peers import Caller
+from pacsai.settings import Settings
 
 log = logging.getLogger(__name__)
-REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
+REJECTED_PERMANENT, REJECTED_TRANSIENT, SERVICE_USER, SERVICE_PROVIDER_PRESENTATION = 0x01, 0x02, 0x01, 0x03
 NO_REASON, CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x01, 0x03, 0x07
+LOCAL_LIMIT_EXCEEDED = 0x02  # with SERVICE_PROVIDER_PRESENTATION (PS3.8 9.3.4)
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class AssociationRefusal:
     """A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4), and why in our words (for logs and audit)."""
 
     result: int
@@ -60,29 +63,41 @@ def _normal(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
 class AccessPolicy:
     """Called AE title must be ours; calling AE title must be allowed, from one of its sources."""
 
-    def __init__(self, settings: Settings, *, resolve: Callable[[str], frozenset[str]] = resolve_host,
-                 resolve_ttl_s: float = 60.0) -> None:
-        self._ours = frozenset(settings.our_ae_titles)
-        self._any_caller = settings.allow_any_caller
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        resolve: Callable[[str], frozenset[str]] = resolve_host,
+        resolve_ttl_s: float = 60.0,
+    ) -> None:
+        self._ours = frozenset(settings.node.our_ae_titles)
+        self._any_caller = settings.security.allow_any_caller
         self._callers: dict[str, Caller] = {caller.ae_title: caller for caller in settings.caller_policy}
         self._resolve, self._ttl_s = resolve, resolve_ttl_s
         self._resolved: dict[str, tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
 
-    def check(self, calling_ae: str, called_ae: str, address: str) -> Refusal | None:
+    def check(self, calling_ae: str, called_ae: str, address: str) -> AssociationRefusal | None:
         """None to go on with negotiation, else the refusal to send."""
         if called_ae.strip() not in self._ours:
-            return Refusal(REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNISED, "called AE title is not ours")
+            return AssociationRefusal(
+                REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNISED, "called AE title is not ours"
+            )
         if self._any_caller:
             return None
         caller = self._callers.get(calling_ae.strip())
         if caller is None:
-            return Refusal(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED,
-                           "calling AE title is not allowed")
+            return AssociationRefusal(
+                REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED, "calling AE title is not allowed"
+            )
         if caller.from_anywhere or self._from_source(caller, address):
             return None
-        return Refusal(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED,
-                       "calling AE title is not allowed from this address")
+        return AssociationRefusal(
+            REJECTED_PERMANENT,
+            SERVICE_USER,
+            CALLING_AE_NOT_RECOGNISED,
+            "calling AE title is not allowed from this address",
+        )
 
     def _from_source(self, caller: Caller, address: str) -> bool:
         ip = _normal(address)
@@ -114,13 +129,13 @@ def requested_titles(event: evt.Event) -> tuple[str, str]:
     return str(primitive.calling_ae_title or "").strip(), str(primitive.called_ae_title or "").strip()
 
 
-def refuse(event: evt.Event, refusal: Refusal) -> None:
+def refuse(event: evt.Event, refusal: AssociationRefusal) -> None:
     """Answer A-ASSOCIATE-RJ from an EVT_REQUESTED handler; pynetdicom then skips negotiation and closes."""
     assoc = event.assoc
     try:
         assoc.acse.send_reject(refusal.result, refusal.source, refusal.reason)
     finally:
-        assoc.is_rejected = True    # even if the reject could not be sent: never fall through to negotiation
+        assoc.is_rejected = True  # even if the reject could not be sent: never fall through to negotiation
         with contextlib.suppress(Exception):
             assoc.kill()
 
@@ -134,21 +149,43 @@ class Gatekeeper:
 
     def __init__(self, settings: Settings, policy: AccessPolicy, trail: AuditTrail) -> None:
         self._settings, self._policy, self._trail = settings, policy, trail
+        self._admitted: dict[int, Any] = {}  # id(assoc) → associations that passed the check, until they close
+        self._lock = threading.Lock()
 
     def requested(self, event: evt.Event) -> None:
         calling, called, address = "", "", "?"
         try:
             calling, called = requested_titles(event)
             address = str(event.assoc.requestor.address)
-            refusal = self._policy.check(calling, called, address)
-        except Exception as exc:   # fail closed: a broken check refuses rather than letting the association through
+            refusal = self._policy.check(calling, called, address) or self._admit(event.assoc)
+        except Exception as exc:  # fail closed: a broken check refuses rather than letting the association through
             log.error("access check failed (%s); refusing", type(exc).__name__)
-            refusal = Refusal(REJECTED_PERMANENT, SERVICE_USER, NO_REASON, "access check failed")
+            refusal = AssociationRefusal(REJECTED_PERMANENT, SERVICE_USER, NO_REASON, "access check failed")
         if refusal is not None:
-            try:        # audit first: refuse() returns only once the peer has closed the connection
+            try:  # audit first: refuse() returns only once the peer has closed the connection
                 self._refused(calling, address, called, refusal.why)
             finally:
                 refuse(event, refusal)
+
+    def _admit(self, assoc: Any) -> AssociationRefusal | None:
+        """N8: count the association against PACSAI_MAX_ASSOCIATIONS, or refuse it transient (2, 3, 2)."""
+        limit = self._settings.node.max_associations
+        with self._lock:
+            self._admitted = {key: other for key, other in self._admitted.items() if socket_open(other)}
+            if len(self._admitted) >= limit:
+                return AssociationRefusal(
+                    REJECTED_TRANSIENT,
+                    SERVICE_PROVIDER_PRESENTATION,
+                    LOCAL_LIMIT_EXCEEDED,
+                    f"local limit exceeded ({limit} associations open)",
+                )
+            self._admitted[id(assoc)] = assoc
+        return None
+
+    def closed(self, event: evt.Event) -> None:
+        """The connection closed: its association no longer counts."""
+        with self._lock:
+            self._admitted.pop(id(event.assoc), None)
 
     def accepted(self, event: evt.Event) -> None:
         calling, called = requested_titles(event)

@@ -5,6 +5,8 @@ with no retain option. The identity map (pseudonym UID → original UID, and the
 is written next to the original instances in the node's spool, never under `spool/deid/`, the only part of the spool a
 remote worker mounts; the delivery task, which runs on the node's host, re-identifies each result from it.
 docs/security.md §8 says what is removed and kept, and how to deploy remote workers.
+
+Over 300 lines on purpose: the Annex E attribute actions are one table, read with the code that applies them.
 """
 
 from __future__ import annotations
@@ -26,27 +28,51 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 
-from dicom_node import audit
-from dicom_node.spool import DEID_DIR, Spool, write_atomic
-from worker.errors import PeerRefused, PeerUnavailable, StudyRejected
-from worker.settings import Settings
-from worker.state import JobRow
+from pacsai import audit
+from pacsai.errors import PeerRefused, PeerUnavailable, StudyRejected
+from pacsai.settings import Settings
+from pacsai.state import JobRow
+from pacsai.storage import DEID_DIR, Spool, write_atomic
 
 METHOD = "PS3.15 E.1 Basic Profile, no options (pacsai)"
 BASIC_PROFILE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 # modalities whose pixels often carry the patient's name or dates as burned-in text, and secondary captures
 BURNED_IN_MODALITIES = frozenset({"US", "IVUS", "XA", "RF", "ES", "XC", "GM", "SM", "SC", "OT", "DOC"})
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-_DICOM_ROOT = "1.2.840.10008."          # UIDs the standard defines (SOP classes, coding schemes): never replaced
+_DICOM_ROOT = "1.2.840.10008."  # UIDs the standard defines (SOP classes, coding schemes): never replaced
 # restored on each result: the patient, patient study and general study attributes a PACS files and shows it by
-_IDENTITY = ("PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
-             "OtherPatientIDsSequence", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge",
-             "PatientSize", "PatientWeight", "PatientComments", "StudyDate", "StudyTime", "AccessionNumber",
-             "IssuerOfAccessionNumberSequence", "StudyID", "ReferringPhysicianName", "StudyDescription",
-             "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-             "LongitudinalTemporalInformationModified")
-_MARKERS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-            "LongitudinalTemporalInformationModified")
+_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientComments",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
+_MARKERS = (
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
 
 # Table E.1-1, basic profile column, by action. Where the table offers a choice, whose pick depends on the
 # attribute's type in each IOD, we take: X/D → X (remove); Z/D → Z (empty); X/Z and X/Z/D → "X/Z": Z for a value,
@@ -120,8 +146,16 @@ _TABLE = {
 }
 ACTIONS: dict[int, str] = {int(tag, 16): action for action, tags in _TABLE.items() for tag in tags.split()}
 _DATES = ("DA", "DT", "TM")
-_DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMOUS", "IS": "0", "DS": "0",
-          "AS": "000D", **dict.fromkeys(("AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT"), "ANONYMIZED")}
+_DUMMY = {
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "PN": "ANONYMOUS",
+    "IS": "0",
+    "DS": "0",
+    "AS": "000D",
+    **dict.fromkeys(("AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT"), "ANONYMIZED"),
+}
 
 
 class NotDeidentifiable(StudyRejected):
@@ -181,7 +215,7 @@ def deidentify(ds: Dataset, pseudonyms: Pseudonyms) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-    ds.file_meta = meta           # a new file meta: the sender's AE title and private meta elements go too
+    ds.file_meta = meta  # a new file meta: the sender's AE title and private meta elements go too
     return ds
 
 
@@ -212,7 +246,7 @@ def _dummy(ds: Dataset, element: DataElement, pseudonyms: Pseudonyms) -> None:
         element.value = _mapped(element.value, pseudonyms)
     elif element.VR in _DUMMY:
         element.value = _DUMMY[element.VR]
-    else:                         # sequences, numbers and bytes: there is no harmless dummy, so remove
+    else:  # sequences, numbers and bytes: there is no harmless dummy, so remove
         del ds[element.tag]
 
 
@@ -235,11 +269,12 @@ class IdentityMap:
     secret: bytes
     study_uid: str
     uids: dict[str, str]
-    attributes: dict[str, Any]       # DICOM JSON (PS3.18 F.2) of the _IDENTITY attributes of the first instance
+    attributes: dict[str, Any]  # DICOM JSON (PS3.18 F.2) of the _IDENTITY attributes of the first instance
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"secret": self.secret.hex(), "study_uid": self.study_uid, "uids": self.uids,
-                           "attributes": self.attributes}).encode()
+        return json.dumps(
+            {"secret": self.secret.hex(), "study_uid": self.study_uid, "uids": self.uids, "attributes": self.attributes}
+        ).encode()
 
     @classmethod
     def read(cls, path: Path) -> IdentityMap:
@@ -270,7 +305,7 @@ def reidentify(ds: Dataset, identity: IdentityMap) -> Dataset:
     original = Dataset.from_json(identity.attributes)
     charset = original.get("SpecificCharacterSet")
     if charset and charset not in ("ISO_IR 6", "") and charset != ds.get("SpecificCharacterSet"):
-        ds.decode()                                   # values become text, written again in UTF-8
+        ds.decode()  # values become text, written again in UTF-8
         ds.SpecificCharacterSet = "ISO_IR 192"
     for element in original:
         if element.keyword != "SpecificCharacterSet":
@@ -296,20 +331,23 @@ def is_deidentified(manifest: str) -> bool:
     return Path(manifest).parts[:1] == (DEID_DIR,)
 
 
-def write_copy(settings: Settings, spool: Spool, study_key: str, series_key: str, job_id: str, model: str,
-               files: Sequence[str]) -> str:
-    """Write the de-identified copy of one job's input under spool/deid/, then the identity map, then the manifest
-    (the copy is usable only once the manifest exists); return the manifest's spool-relative path.
+def write_copy(
+    settings: Settings, spool: Spool, study_key: str, series_key: str, job_id: str, model: str, files: Sequence[str]
+) -> str:
+    """Write the de-identified copy of one job's input under spool/deid/<job id>/, then the identity map, then the
+    manifest (the copy is usable only once the manifest exists); return the manifest's spool-relative path.
 
     Raises NotDeidentifiable, leaving nothing behind, when an instance may show patient data in its pixels.
     """
-    folder = Path(DEID_DIR) / series_key / job_id
+    folder = Path(DEID_DIR) / job_id  # per job: two jobs on one series share nothing a remote worker sees (issue 9)
     map_file = identity_path(spool, study_key, series_key, job_id)
     pseudonyms = Pseudonyms(IdentityMap.read(map_file).secret if map_file.exists() else secrets.token_bytes(32))
     names = [str(folder / f"{index:05d}.dcm") for index in range(len(files))]
     try:
-        identities = [_copy_one(spool.resolve(source), spool.root / name, pseudonyms)
-                      for source, name in zip(files, names, strict=True)]
+        identities = [
+            _copy_one(spool.resolve(source), spool.root / name, pseudonyms)
+            for source, name in zip(files, names, strict=True)
+        ]
     except NotDeidentifiable:
         shutil.rmtree(spool.root / folder, ignore_errors=True)
         raise
@@ -329,8 +367,10 @@ def restore_identity(spool: Spool, job: JobRow | None, files: Sequence[Path]) ->
     try:
         identity = IdentityMap.read(map_file)
     except (OSError, ValueError, KeyError) as exc:
-        raise IdentityMapMissing(f"no readable identity map for this de-identified job on this host "
-                                 f"({type(exc).__name__}); delivery must run on the node's host") from exc
+        raise IdentityMapMissing(
+            f"no readable identity map for this de-identified job on this host "
+            f"({type(exc).__name__}); delivery must run on the node's host"
+        ) from exc
     restored = []
     for path in files:
         target = map_file.parent / f"results-{job.job_id}" / path.name
@@ -349,9 +389,9 @@ def _copy_one(source: Path, target: Path, pseudonyms: Pseudonyms) -> tuple[str, 
         data = _to_bytes(deidentify(ds, pseudonyms))
     except NotDeidentifiable:
         raise
-    except Exception as exc:   # malformed instance; pydicom messages may quote values: the type only
+    except Exception as exc:  # malformed instance; pydicom messages may quote values: the type only
         raise NotDeidentifiable(f"an instance cannot be de-identified ({type(exc).__name__})") from exc
-    write_atomic(target, data)   # a disk error propagates: the assembler tries again on its next tick
+    write_atomic(target, data)  # a disk error propagates: the assembler tries again on its next tick
     return identity
 
 

@@ -1,4 +1,4 @@
-"""Routing: pure rules from a YAML file, series header → model names."""
+"""Routing: pure rules from a YAML file, series header → model names, each with its priority."""
 
 from __future__ import annotations
 
@@ -10,11 +10,19 @@ from typing import Any
 
 import yaml
 
-from worker.errors import ConfigError
+from pacsai.errors import ConfigError
+from pacsai.jobs import Priority
 
-_LIST_KEYS = {"modality": "Modality", "sop_class": "SOPClassUID", "body_part": "BodyPartExamined",
-              "calling_ae": "calling_ae", "called_ae": "called_ae"}
-_KNOWN = {*_LIST_KEYS, "series_description", "min_instances", "max_instances"}
+_LIST_KEYS = {
+    "modality": "Modality",
+    "sop_class": "SOPClassUID",
+    "body_part": "BodyPartExamined",
+    "calling_ae": "calling_ae",
+    "called_ae": "called_ae",
+    "requested_procedure_priority": "RequestedProcedurePriority",  # STAT, HIGH, ROUTINE, MEDIUM, LOW
+    "store_priority": "store_priority",  # the C-STORE request's own Priority: HIGH, MEDIUM, LOW
+}
+_KNOWN = {*_LIST_KEYS, "series_description", "study_description", "min_instances", "max_instances"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +36,20 @@ class SeriesHeader:
     instances: int
     calling_ae: str
     called_ae: str
+    study_description: str = ""
+    requested_procedure_priority: str = ""
+    store_priority: str = ""  # HIGH, MEDIUM or LOW: what the C-STORE of the series' first instance asked for
 
     def value(self, field: str) -> str:
-        return {"Modality": self.modality, "SOPClassUID": self.sop_class, "BodyPartExamined": self.body_part,
-                "calling_ae": self.calling_ae, "called_ae": self.called_ae}[field]
+        return {
+            "Modality": self.modality,
+            "SOPClassUID": self.sop_class,
+            "BodyPartExamined": self.body_part,
+            "calling_ae": self.calling_ae,
+            "called_ae": self.called_ae,
+            "RequestedProcedurePriority": self.requested_procedure_priority,
+            "store_priority": self.store_priority,
+        }[field]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +60,25 @@ class Rule:
     description: re.Pattern[str] | None
     min_instances: int
     max_instances: int
+    study_description: re.Pattern[str] | None = None
+    priority: Priority = Priority.ROUTINE
 
     def matches(self, header: SeriesHeader) -> bool:
-        if not self.min_instances <= header.instances <= self.max_instances:
-            return False
-        if any(header.value(field).upper() not in allowed for field, allowed in self.lists):
-            return False
-        return self.description is None or bool(self.description.search(header.series_description))
+        return not why_not(self, header)
 
 
 def route(rules: Sequence[Rule], header: SeriesHeader) -> tuple[str, ...]:
     """Return the models whose rules match, in rule order, without repeats (empty: no model)."""
-    return tuple(dict.fromkeys(rule.model for rule in rules if rule.matches(header)))
+    return tuple(model for model, _ in route_jobs(rules, header))
+
+
+def route_jobs(rules: Sequence[Rule], header: SeriesHeader) -> tuple[tuple[str, Priority], ...]:
+    """The models whose rules match, in rule order, each with the most urgent priority its matching rules give."""
+    chosen: dict[str, Priority] = {}
+    for rule in (r for r in rules if r.matches(header)):
+        known = chosen.get(rule.model)
+        chosen[rule.model] = rule.priority if known is None or rule.priority.rank < known.rank else known
+    return tuple(chosen.items())
 
 
 def explain(rules: Sequence[Rule], header: SeriesHeader) -> str:
@@ -68,6 +93,8 @@ def why_not(rule: Rule, header: SeriesHeader) -> str:
             return f"{field} is not one the rule takes"
     if rule.description is not None and not rule.description.search(header.series_description):
         return "SeriesDescription excluded by the rule's pattern"
+    if rule.study_description is not None and not rule.study_description.search(header.study_description):
+        return "StudyDescription excluded by the rule's pattern"
     if header.instances < rule.min_instances:
         return f"{header.instances} instance(s), the rule needs at least {rule.min_instances}"
     if header.instances > rule.max_instances:
@@ -91,14 +118,31 @@ def _rule(item: Any, index: int, source: str) -> Rule:
     if unknown:
         raise ConfigError(f"{where}: unknown match key(s) {sorted(unknown)}")
     try:
-        lists = tuple((_LIST_KEYS[key], frozenset(str(v).upper() for v in _as_list(match[key])))
-                      for key in _LIST_KEYS if key in match)
-        description = re.compile(match["series_description"], re.IGNORECASE) if "series_description" in match else None
+        lists = tuple(
+            (_LIST_KEYS[key], frozenset(str(v).upper() for v in _as_list(match[key])))
+            for key in _LIST_KEYS
+            if key in match
+        )
+        description = _pattern(match, "series_description")
+        study_description = _pattern(match, "study_description")
         low, high = int(match.get("min_instances", 1)), int(match.get("max_instances", 100_000))
+        priority = Priority(str(item.get("priority", Priority.ROUTINE.value)).lower())
     except (re.error, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return Rule(name=str(item.get("name", f"rule-{index + 1}")), model=str(item["model"]), lists=lists,
-                description=description, min_instances=low, max_instances=high)
+    return Rule(
+        name=str(item.get("name", f"rule-{index + 1}")),
+        model=str(item["model"]),
+        lists=lists,
+        description=description,
+        min_instances=low,
+        max_instances=high,
+        study_description=study_description,
+        priority=priority,
+    )
+
+
+def _pattern(match: Mapping[str, Any], key: str) -> re.Pattern[str] | None:
+    return re.compile(match[key], re.IGNORECASE) if key in match else None
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -27,14 +27,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPE
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from dicom_node import status
-from dicom_node.receive import set_nodelay
+from dicom_node.tcp import set_nodelay
 from dicom_node.tls import tls_args
-from worker.errors import PeerRefused, PeerUnavailable
-from worker.settings import Peer
+from pacsai import dimse
+from pacsai.errors import PeerRefused, PeerUnavailable
+from pacsai.settings import Peer
 
 log = logging.getLogger(__name__)
-SOP_CLASS_NOT_SUPPORTED = 0x0122      # PS3.7 C.5.4 "Refused: SOP Class not supported"
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.5.4 "Refused: SOP Class not supported"
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 JPEG_QUALITY = 90
 
@@ -42,9 +42,9 @@ JPEG_QUALITY = 90
 @dataclass(frozen=True, slots=True)
 class SendResult:
     path: Path
-    outcome: status.Outcome
+    outcome: dimse.StoreOutcome
     code: int
-    negotiated: bool = True           # False: the peer accepted no presentation context for the file's SOP class
+    negotiated: bool = True  # False: the peer accepted no presentation context for the file's SOP class
 
     @property
     def sop_class_refused(self) -> bool:
@@ -52,9 +52,15 @@ class SendResult:
         return self.code == SOP_CLASS_NOT_SUPPORTED
 
 
-def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s: float = 60.0,
-               transfer_syntaxes: Sequence[str] = UNCOMPRESSED, dimse_timeout_s: float | None = None
-               ) -> list[SendResult]:
+def send_files(
+    files: Sequence[Path],
+    peer: Peer,
+    *,
+    calling_ae: str,
+    timeout_s: float = 60.0,
+    transfer_syntaxes: Sequence[str] = UNCOMPRESSED,
+    dimse_timeout_s: float | None = None,
+) -> list[SendResult]:
     """C-STORE each file on one association; raise PeerUnavailable when the peer cannot be reached or drops us,
     PeerRefused when it rejects the association permanently (E2).
 
@@ -69,11 +75,12 @@ def send_files(files: Sequence[Path], peer: Peer, *, calling_ae: str, timeout_s:
     for sop_class, syntaxes in proposed_contexts(datasets, transfer_syntaxes).items():
         ae.add_requested_context(sop_class, syntaxes)
     try:
-        tls = tls_args(peer.host, peer.tls)      # built per delivery: renewed certificate files are picked up
-    except (OSError, ValueError) as exc:        # ssl.SSLError is an OSError
+        tls = tls_args(peer.host, peer.tls)  # built per delivery: renewed certificate files are picked up
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise PeerUnavailable(f"TLS for {peer.ae_title} cannot be set up ({type(exc).__name__})") from exc
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
-                         tls_args=tls)
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)], tls_args=tls
+    )
     if not assoc.is_established:
         raise association_failure(assoc, peer, tls=bool(tls))
     results: list[SendResult] = []
@@ -93,8 +100,8 @@ def association_failure(assoc: Association, peer: Peer, *, tls: bool = False) ->
     answer = assoc.acceptor.primitive
     if assoc.is_rejected and answer is not None:
         result, source, reason = int(answer.result or 0), int(answer.result_source or 0), int(answer.diagnostic or 0)
-        text = f"association with {peer.ae_title} {status.describe_rejection(result, source, reason)}{suffix}"
-        if status.classify_rejection(result) is status.Outcome.PERMANENT:
+        text = f"association with {peer.ae_title} {dimse.describe_rejection(result, source, reason)}{suffix}"
+        if dimse.classify_rejection(result) is dimse.StoreOutcome.PERMANENT:
             return PeerRefused(text)
         return PeerUnavailable(text)
     why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
@@ -105,24 +112,28 @@ def _store(assoc: Association, path: Path, ds: Dataset, peer: Peer) -> SendResul
     """One C-STORE on the context the peer accepted for the file's SOP class (none: refused without sending)."""
     accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == ds.SOPClassUID]
     if not accepted:
-        log.warning("C-STORE to %s: no presentation context accepted for %s; not sent", peer.ae_title,
-                    UID(ds.SOPClassUID).name)
-        return SendResult(path, status.Outcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
+        log.warning(
+            "C-STORE to %s: no presentation context accepted for %s; not sent", peer.ae_title, UID(ds.SOPClassUID).name
+        )
+        return SendResult(path, dimse.StoreOutcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
     if accepted[0] == JPEGBaseline8Bit and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        if not jpeg_baseline_fits(ds):     # another file of its class fitted; this one cannot go in JPEG baseline
-            log.warning("C-STORE to %s: only JPEG baseline accepted for %s, which this image cannot use; not sent",
-                        peer.ae_title, UID(ds.SOPClassUID).name)
-            return SendResult(path, status.Outcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
+        if not jpeg_baseline_fits(ds):  # another file of its class fitted; this one cannot go in JPEG baseline
+            log.warning(
+                "C-STORE to %s: only JPEG baseline accepted for %s, which this image cannot use; not sent",
+                peer.ae_title,
+                UID(ds.SOPClassUID).name,
+            )
+            return SendResult(path, dimse.StoreOutcome.PERMANENT, SOP_CLASS_NOT_SUPPORTED, negotiated=False)
         ds = as_jpeg_baseline(ds)
     started = time.monotonic()
     reply = assoc.send_c_store(ds)
-    if "Status" not in reply:     # DIMSE timeout (pynetdicom aborts the association then), abort, closed connection
+    if "Status" not in reply:  # DIMSE timeout (pynetdicom aborts the association then), abort, closed connection
         waited_s, limit_s = time.monotonic() - started, float(assoc.dimse_timeout or 0)
         timed_out = bool(limit_s) and waited_s >= limit_s * 0.95
         why = f" within the DIMSE timeout of {limit_s:g} s; association aborted" if timed_out else ""
         raise PeerUnavailable(f"no C-STORE reply from {peer.ae_title}{why}")
     code = int(reply.Status)
-    result = SendResult(path, status.classify(code), code)
+    result = SendResult(path, dimse.classify(code), code)
     log.info("C-STORE to %s: 0x%04X (%s)", peer.ae_title, code, result.outcome.value)
     return result
 
@@ -135,8 +146,11 @@ def proposed_contexts(datasets: Sequence[Dataset], transfer_syntaxes: Sequence[s
         if own.is_compressed:
             wanted = [own]
         else:
-            wanted = [UID(ts) for ts in transfer_syntaxes
-                      if ts in UNCOMPRESSED or (ts == JPEGBaseline8Bit and jpeg_baseline_fits(ds))]
+            wanted = [
+                UID(ts)
+                for ts in transfer_syntaxes
+                if ts in UNCOMPRESSED or (ts == JPEGBaseline8Bit and jpeg_baseline_fits(ds))
+            ]
         syntaxes = contexts.setdefault(str(ds.SOPClassUID), [])
         syntaxes += [str(ts) for ts in wanted or [own] if str(ts) not in syntaxes]
     return contexts
@@ -144,9 +158,14 @@ def proposed_contexts(datasets: Sequence[Dataset], transfer_syntaxes: Sequence[s
 
 def jpeg_baseline_fits(ds: Dataset) -> bool:
     """JPEG baseline holds 8-bit unsigned grey or RGB single-frame images."""
-    return ("PixelData" in ds and int(ds.get("BitsAllocated", 0)) == 8 and int(ds.get("NumberOfFrames", 1) or 1) == 1
-            and (int(ds.get("SamplesPerPixel", 1)), str(ds.get("PhotometricInterpretation", ""))) in
-            ((1, "MONOCHROME2"), (3, "RGB")) and int(ds.get("PixelRepresentation", 0)) == 0)
+    return (
+        "PixelData" in ds
+        and int(ds.get("BitsAllocated", 0)) == 8
+        and int(ds.get("NumberOfFrames", 1) or 1) == 1
+        and (int(ds.get("SamplesPerPixel", 1)), str(ds.get("PhotometricInterpretation", "")))
+        in ((1, "MONOCHROME2"), (3, "RGB"))
+        and int(ds.get("PixelRepresentation", 0)) == 0
+    )
 
 
 def as_jpeg_baseline(ds: Dataset) -> Dataset:
@@ -157,9 +176,10 @@ def as_jpeg_baseline(ds: Dataset) -> Dataset:
     pixels = np.asarray(ds.pixel_array, dtype=np.uint8)
     colour = int(ds.SamplesPerPixel) == 3
     buffer = BytesIO()
-    Image.fromarray(pixels, "RGB" if colour else "L").save(buffer, "JPEG", quality=JPEG_QUALITY,
-                                                           subsampling=1)  # 1: 4:2:2
-    compressed = copy.deepcopy(ds)    # a shallow copy would share (and change) the original's elements
+    Image.fromarray(pixels, "RGB" if colour else "L").save(
+        buffer, "JPEG", quality=JPEG_QUALITY, subsampling=1
+    )  # 1: 4:2:2
+    compressed = copy.deepcopy(ds)  # a shallow copy would share (and change) the original's elements
     compressed.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     compressed.PixelData = encapsulate([buffer.getvalue()])
     compressed["PixelData"].VR = "OB"

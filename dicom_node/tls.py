@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.guard import GuardedServer
-from worker.errors import ConfigError
-from worker.peers import PeerTls
-from worker.settings import Settings
+from pacsai.errors import ConfigError
+from pacsai.peers import PeerTls
+from pacsai.settings import Settings
 
 log = logging.getLogger(__name__)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -67,16 +67,21 @@ class ReloadingContext:
     """The server's SSL context, rebuilt from its files when one of them changed since the last connection."""
 
     def __init__(self, settings: Settings) -> None:
-        assert settings.tls_cert is not None and settings.tls_key is not None
-        self._cert, self._key, self._ca = settings.tls_cert, settings.tls_key, settings.tls_ca
+        assert settings.security.tls_cert is not None and settings.security.tls_key is not None
+        self._cert, self._key, self._ca = (
+            settings.security.tls_cert,
+            settings.security.tls_key,
+            settings.security.tls_ca,
+        )
         self._files = tuple(path for path in (self._cert, self._key, self._ca) if path is not None)
         self._lock = threading.Lock()
         try:
             self._seen = _signature(self._files)
             self._context = server_context(self._cert, self._key, self._ca)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"PACSAI_TLS_CERT, PACSAI_TLS_KEY or PACSAI_TLS_CA cannot be loaded "
-                              f"({handshake_failure(exc)})") from None
+            raise ConfigError(
+                f"PACSAI_TLS_CERT, PACSAI_TLS_KEY or PACSAI_TLS_CA cannot be loaded ({handshake_failure(exc)})"
+            ) from None
         if os.stat(self._key).st_mode & 0o077:
             log.warning("PACSAI_TLS_KEY is readable by group or others; make it readable by this user only")
 
@@ -92,9 +97,11 @@ class ReloadingContext:
                     self._seen = seen
                     self._context = server_context(self._cert, self._key, self._ca)
                     log.info("TLS certificate files changed: reloaded")
-            except (OSError, ssl.SSLError) as exc:   # mid-rotation (key and certificate not matching yet): keep the old
-                log.warning("TLS certificate files changed but cannot be loaded (%s); keeping the previous ones",
-                            type(exc).__name__)
+            except (OSError, ssl.SSLError) as exc:  # mid-rotation (key and certificate not matching yet): keep the old
+                log.warning(
+                    "TLS certificate files changed but cannot be loaded (%s); keeping the previous ones",
+                    type(exc).__name__,
+                )
             return self._context
 
 
@@ -109,13 +116,13 @@ class TlsServer(GuardedServer):
 
     handshake_deadline_s = 10.0
     tls: ReloadingContext | None = None
-    on_refused: Callable[[str, str], None] | None = None      # (address, why), for audit and metrics
+    on_refused: Callable[[str, str], None] | None = None  # (address, why), for audit and metrics
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         address = str(client_address[0])
         try:
             request = self._handshake(request)
-        except (OSError, ValueError) as exc:   # ssl.SSLError is an OSError; ValueError: no context
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; ValueError: no context
             self.shutdown_request(request)
             why = handshake_failure(exc)
             log.warning("TLS handshake from %s failed (%s); connection closed", address, why)
@@ -127,7 +134,7 @@ class TlsServer(GuardedServer):
     def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
         if self.tls is None:
             raise ValueError("no TLS context")
-        watch = sock.dup()      # the wrapped socket takes over sock; the duplicate lets the timer end a slow handshake
+        watch = sock.dup()  # the wrapped socket takes over sock; the duplicate lets the timer end a slow handshake
         timer = threading.Timer(self.handshake_deadline_s, _shut, (watch,))
         timer.start()
         try:

@@ -8,6 +8,8 @@ an SCU retries "out of resources" (our own send.py does), but an instance over t
 The same holds for the cap on the encoded instance (PACSAI_MAX_INSTANCE_MB, C15), which also answers 0xC001.
 A received instance is read from its file with large values left on disk (C15): lengths are then checked against
 the file's size, and encapsulated fragments are walked in the file itself.
+
+Over 300 lines on purpose: every refusal of an instance is decided here, so a PACS administrator reads one file.
 """
 
 from __future__ import annotations
@@ -25,39 +27,58 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.tag import Tag
 
-from dicom_node import status
-from dicom_node.spool import InvalidUid, check_uid
+from pacsai import dimse
+from pacsai.storage import InvalidUid, check_uid
 
-MAX_SEQUENCE_DEPTH = 32                      # C5: sequence nesting levels we walk (fault catalogue: ≤ 32)
-MAX_DECODED_PIXEL_BYTES = 2 * 1024**3        # C6: one instance's pixel data once decoded
-MALFORMED = status.CANNOT_UNDERSTAND         # 0xC000: truncated element, nesting, broken encapsulation, bad UID
-TOO_LARGE = status.PIXELS_TOO_LARGE          # decoded pixel data over MAX_DECODED_PIXEL_BYTES
-NO_DECODER = status.NO_DECODER               # pixel data in a transfer syntax that no decoder exists for
-NOT_MATCHING = status.DATASET_DOES_NOT_MATCH  # 0xA900: the dataset breaks the image pixel module
+MAX_SEQUENCE_DEPTH = 32  # C5: sequence nesting levels we walk (fault catalogue: ≤ 32)
+MAX_DECODED_PIXEL_BYTES = 2 * 1024**3  # C6: one instance's pixel data once decoded
+MALFORMED = dimse.CANNOT_UNDERSTAND  # 0xC000: truncated element, nesting, broken encapsulation, bad UID
+TOO_LARGE = dimse.PIXELS_TOO_LARGE  # decoded pixel data over MAX_DECODED_PIXEL_BYTES
+NO_DECODER = dimse.NO_DECODER  # pixel data in a transfer syntax that no decoder exists for
+NOT_MATCHING = dimse.DATASET_DOES_NOT_MATCH  # 0xA900: the dataset breaks the image pixel module
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA, _FLOAT_PIXEL_DATA, _DOUBLE_PIXEL_DATA = 0x7FE00010, 0x7FE00008, 0x7FE00009
 _ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
-_IMAGE_SOP_CLASSES = frozenset({   # storage SOP classes whose IOD requires pixel data (the ones a model reads)
-    uids.CTImageStorage, uids.EnhancedCTImageStorage, uids.LegacyConvertedEnhancedCTImageStorage,
-    uids.MRImageStorage, uids.EnhancedMRImageStorage, uids.EnhancedMRColorImageStorage,
-    uids.LegacyConvertedEnhancedMRImageStorage, uids.PositronEmissionTomographyImageStorage,
-    uids.EnhancedPETImageStorage, uids.LegacyConvertedEnhancedPETImageStorage, uids.NuclearMedicineImageStorage,
-    uids.ComputedRadiographyImageStorage, uids.DigitalXRayImageStorageForPresentation,
-    uids.DigitalXRayImageStorageForProcessing, uids.DigitalMammographyXRayImageStorageForPresentation,
-    uids.DigitalMammographyXRayImageStorageForProcessing, uids.BreastTomosynthesisImageStorage,
-    uids.XRayAngiographicImageStorage, uids.EnhancedXAImageStorage, uids.XRayRadiofluoroscopicImageStorage,
-    uids.UltrasoundImageStorage, uids.UltrasoundMultiFrameImageStorage, uids.SecondaryCaptureImageStorage,
-    uids.MultiFrameGrayscaleByteSecondaryCaptureImageStorage, uids.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    uids.MultiFrameTrueColorSecondaryCaptureImageStorage, uids.RTImageStorage, uids.SegmentationStorage,
-    uids.ParametricMapStorage,
-})
+_IMAGE_SOP_CLASSES = frozenset(
+    {  # storage SOP classes whose IOD requires pixel data (the ones a model reads)
+        uids.CTImageStorage,
+        uids.EnhancedCTImageStorage,
+        uids.LegacyConvertedEnhancedCTImageStorage,
+        uids.MRImageStorage,
+        uids.EnhancedMRImageStorage,
+        uids.EnhancedMRColorImageStorage,
+        uids.LegacyConvertedEnhancedMRImageStorage,
+        uids.PositronEmissionTomographyImageStorage,
+        uids.EnhancedPETImageStorage,
+        uids.LegacyConvertedEnhancedPETImageStorage,
+        uids.NuclearMedicineImageStorage,
+        uids.ComputedRadiographyImageStorage,
+        uids.DigitalXRayImageStorageForPresentation,
+        uids.DigitalXRayImageStorageForProcessing,
+        uids.DigitalMammographyXRayImageStorageForPresentation,
+        uids.DigitalMammographyXRayImageStorageForProcessing,
+        uids.BreastTomosynthesisImageStorage,
+        uids.XRayAngiographicImageStorage,
+        uids.EnhancedXAImageStorage,
+        uids.XRayRadiofluoroscopicImageStorage,
+        uids.UltrasoundImageStorage,
+        uids.UltrasoundMultiFrameImageStorage,
+        uids.SecondaryCaptureImageStorage,
+        uids.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        uids.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        uids.MultiFrameTrueColorSecondaryCaptureImageStorage,
+        uids.RTImageStorage,
+        uids.SegmentationStorage,
+        uids.ParametricMapStorage,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class InstanceRefusal:
     status: int
-    reason: str       # for the log: names attributes and limits, never their values
+    reason: str  # for the log: names attributes and limits, never their values
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +107,18 @@ class PixelDescription:
 class _Refused(Exception):
     def __init__(self, status_code: int, reason: str) -> None:
         super().__init__(reason)
-        self.refusal = Refusal(status_code, reason)
+        self.refusal = InstanceRefusal(status_code, reason)
 
 
-def check_instance(ds: Dataset, encoded_size: int, *, transfer_syntax: str = "", source: Path | None = None
-                   ) -> Refusal | None:
+def check_instance(
+    ds: Dataset, encoded_size: int, *, transfer_syntax: str = "", source: Path | None = None
+) -> InstanceRefusal | None:
     """Return why an instance must be refused, or None to accept it; transfer_syntax is the negotiated one.
 
     `source` is the file `ds` was read from with large values left on disk, `encoded_size` that file's size.
     """
     if encoded_size <= 0:
-        return Refusal(MALFORMED, "empty dataset")
+        return InstanceRefusal(MALFORMED, "empty dataset")
     try:
         check_encoding(ds, encoded_size)
         check_sop_class(ds)
@@ -126,7 +148,7 @@ def check_encoding(ds: Dataset, encoded_size: int = 0) -> None:
     while stack:
         item, depth = stack.pop()
         for tag in list(item.keys()):
-            elem = item.get_item(tag, keep_deferred=True)   # a value left on disk stays there
+            elem = item.get_item(tag, keep_deferred=True)  # a value left on disk stays there
             if isinstance(elem, RawDataElement):
                 if _truncated(elem, encoded_size):
                     raise _Refused(MALFORMED, f"{_name(tag)} is shorter than its declared length (truncated)")
@@ -175,13 +197,17 @@ def check_pixels(ds: Dataset, transfer_syntax: str, *, encoded_size: int = 0, so
     description = describe_pixels(ds, integer=pixel_tag == _PIXEL_DATA)
     elem = ds.get_item(pixel_tag, keep_deferred=True)
     value = elem.value if elem is not None else None
-    data = value if isinstance(value, bytes | bytearray) else b""      # no copy of the pixel data
+    data = value if isinstance(value, bytes | bytearray) else b""  # no copy of the pixel data
     encapsulated = isinstance(elem, RawDataElement) and elem.length == _UNDEFINED
-    on_disk = isinstance(elem, RawDataElement) and value is None and source is not None    # left there by the read
+    on_disk = isinstance(elem, RawDataElement) and value is None and source is not None  # left there by the read
     syntax = uids.UID(transfer_syntax) if transfer_syntax else None
     if syntax is not None and syntax.is_encapsulated != encapsulated:
-        raise _Refused(MALFORMED, "PixelData is encapsulated although the transfer syntax is native" if encapsulated
-                       else "PixelData is not encapsulated although the transfer syntax is")
+        raise _Refused(
+            MALFORMED,
+            "PixelData is encapsulated although the transfer syntax is native"
+            if encapsulated
+            else "PixelData is not encapsulated although the transfer syntax is",
+        )
     if encapsulated:
         if syntax is not None:
             check_decoder(syntax)
@@ -196,16 +222,22 @@ def check_pixels(ds: Dataset, transfer_syntax: str, *, encoded_size: int = 0, so
     if on_disk and isinstance(elem, RawDataElement):
         length = max(0, min(elem.length, encoded_size - elem.value_tell))
     if length < description.native_bytes():
-        raise _Refused(NOT_MATCHING, f"{_name(pixel_tag)} is shorter than Rows x Columns x NumberOfFrames x "
-                                     "SamplesPerPixel x BitsAllocated requires")
+        raise _Refused(
+            NOT_MATCHING,
+            f"{_name(pixel_tag)} is shorter than Rows x Columns x NumberOfFrames x "
+            "SamplesPerPixel x BitsAllocated requires",
+        )
     check_size(description)
 
 
 def check_size(description: PixelDescription) -> None:
     """C6: refuse before anything sizes a buffer from Rows, Columns and NumberOfFrames."""
     if description.decoded_bytes() > MAX_DECODED_PIXEL_BYTES:
-        raise _Refused(TOO_LARGE, f"decoded pixel data would exceed {MAX_DECODED_PIXEL_BYTES // 2**20} MiB "
-                                  "(Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated)")
+        raise _Refused(
+            TOO_LARGE,
+            f"decoded pixel data would exceed {MAX_DECODED_PIXEL_BYTES // 2**20} MiB "
+            "(Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated)",
+        )
 
 
 def check_decoder(syntax: uids.UID) -> None:
@@ -235,7 +267,7 @@ def check_fragments(data: bytes | bytearray | _InFile, frames: int) -> None:
     """Encapsulated pixel data: a Basic Offset Table item, then at least one fragment a frame (PS3.5 A.4)."""
     offset, items = 0, 0
     while items <= frames and offset + 8 <= len(data):
-        group, element, length = struct.unpack("<HHL", data[offset:offset + 8])
+        group, element, length = struct.unpack("<HHL", data[offset : offset + 8])
         if (group, element) == _SEQUENCE_END:
             break
         if (group, element) != _ITEM:
@@ -314,7 +346,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return text.strip(" \x00")
 
 
-def check_command(encoded: bytes) -> Refusal | None:
+def check_command(encoded: bytes) -> InstanceRefusal | None:
     """N15: each UID in a DIMSE command set (implicit VR little endian) has an even length and is a valid UID.
 
     pynetdicom decodes a command set leniently: an odd-length or malformed UID reaches the handler unpadded or
@@ -324,19 +356,19 @@ def check_command(encoded: bytes) -> Refusal | None:
     offset = 0
     while offset + 8 <= len(encoded):
         group, element, length = struct.unpack_from("<HHL", encoded, offset)
-        value = encoded[offset + 8:offset + 8 + length]
+        value = encoded[offset + 8 : offset + 8 + length]
         offset += 8 + length
         tag = group << 16 | element
         try:
             is_uid = dictionary_VR(tag) == "UI"
-        except KeyError:          # an element no command defines: pynetdicom ignores it, and so do we
+        except KeyError:  # an element no command defines: pynetdicom ignores it, and so do we
             continue
         if not is_uid:
             continue
         if length % 2 or len(value) != length:
-            return Refusal(MALFORMED, f"{_name(tag)} in the command set has an odd or short length")
+            return InstanceRefusal(MALFORMED, f"{_name(tag)} in the command set has an odd or short length")
         try:
             check_uid(_name(tag), value.decode("ascii", "replace"))
         except InvalidUid as exc:
-            return Refusal(MALFORMED, f"{exc} (command set)")
+            return InstanceRefusal(MALFORMED, f"{exc} (command set)")
     return None
