@@ -20,18 +20,24 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from pacsai.errors import ModelError
 from worker.encode_sc import BANNER, secondary_capture
-from worker.errors import ModelError
 from worker.uids import derive_uid
 from worker.volume import Volume
 
 OVERLAY_SERIES_NUMBER = 9904
 FILL_OPACITY = 0.35
 OUTLINE_PX = 2
-CT_WINDOW = (40.0, 400.0)   # centre, width in HU (soft tissue) for CT that names no window
+CT_WINDOW = (40.0, 400.0)  # centre, width in HU (soft tissue) for CT that names no window
 _BANNER_RGB, _TEXT_RGB, _LEGEND_RGB = (160, 0, 0), (255, 255, 255), (0, 0, 0)
-_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "SliceThickness",
-             "FrameOfReferenceUID", "PositionReferenceIndicator")
+_GEOMETRY = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceLocation",
+    "SliceThickness",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+)
 Layer = tuple["SegmentStyle", NDArray[np.bool_]]
 
 
@@ -65,14 +71,22 @@ def encode_seg_overlays(seg: Dataset, volume: Volume) -> list[hd.sc.SCImage]:
     for index in sorted(layers):
         source = volume.datasets[index]
         picture = render_overlay(window_grey(volume.array[index], source), layers[index])
-        overlays.append(secondary_capture(
-            source, picture, series_uid=series_uid, series_number=OVERLAY_SERIES_NUMBER,
-            instance_uid=overlay_instance_uid(str(seg.SeriesInstanceUID), str(source.SOPInstanceUID)),
-            instance_number=int(source.get("InstanceNumber") or index + 1),
-            series_description=f"{name} overlay - not for diagnosis",
-            derivation=f"{name}: segmentation burned into the displayed image", equipment=equipment,
-            references=(source, seg), patient_orientation=patient_orientation(source),
-            pixel_spacing=_pixel_spacing(source)))
+        overlays.append(
+            secondary_capture(
+                source,
+                picture,
+                series_uid=series_uid,
+                series_number=OVERLAY_SERIES_NUMBER,
+                instance_uid=overlay_instance_uid(str(seg.SeriesInstanceUID), str(source.SOPInstanceUID)),
+                instance_number=int(source.get("InstanceNumber") or index + 1),
+                series_description=f"{name} overlay - not for diagnosis",
+                derivation=f"{name}: segmentation burned into the displayed image",
+                equipment=equipment,
+                references=(source, seg),
+                patient_orientation=patient_orientation(source),
+                pixel_spacing=_pixel_spacing(source),
+            )
+        )
         for keyword in _GEOMETRY:
             if keyword in source:
                 setattr(overlays[-1], keyword, source[keyword].value)

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from models.spec import ModelSpec
+from pacsai.errors import ModelError
 from worker.classify import Classification
 from worker.encode_seg import MANUFACTURER, clip_lo, declare_charset, device_serial_number, revised
-from worker.errors import ModelError
 from worker.load_image import display_grey
 from worker.uids import derive_uid, revision_base
 
@@ -45,8 +45,16 @@ def caption_for(result: Classification) -> str:
     return f"{result.finding.meaning}: {word} (p = {result.probability:.2f}, threshold {result.threshold:.2f})"
 
 
-def encode_heatmap_sc(source: Dataset, heatmap: NDArray[np.float32], spec: ModelSpec, uids: Mapping[str, str], *,
-                      software_version: str, caption: str = "", revision: int = 1) -> hd.sc.SCImage:
+def encode_heatmap_sc(
+    source: Dataset,
+    heatmap: NDArray[np.float32],
+    spec: ModelSpec,
+    uids: Mapping[str, str],
+    *,
+    software_version: str,
+    caption: str = "",
+    revision: int = 1,
+) -> hd.sc.SCImage:
     """RGB Secondary Capture in a new series of the source's study; uids needs "sc_series" and "sc_instance".
 
     `source` must still hold its pixel data; `heatmap` is 0..1 on its pixel grid (rows, columns).
@@ -57,32 +65,70 @@ def encode_heatmap_sc(source: Dataset, heatmap: NDArray[np.float32], spec: Model
     picture = render(grey, heatmap, caption=caption or f"Grad-CAM, {spec.name} {spec.version}")
     name = f"AI {spec.name} {spec.version}"
     return secondary_capture(
-        source, picture, series_uid=uids["sc_series"], series_number=SC_SERIES_NUMBER,
-        instance_uid=uids["sc_instance"], instance_number=1,
+        source,
+        picture,
+        series_uid=uids["sc_series"],
+        series_number=SC_SERIES_NUMBER,
+        instance_uid=uids["sc_instance"],
+        instance_number=1,
         series_description=f"{name} {revised('heat-map', revision)} - not for diagnosis",
         derivation=f"{name}: Grad-CAM heat-map over the displayed image",
-        equipment=(spec.name, software_version, device_serial_number(spec)), references=(source,))
+        equipment=(spec.name, software_version, device_serial_number(spec)),
+        references=(source,),
+    )
 
 
-def secondary_capture(source: Dataset, picture: NDArray[np.uint8], *, series_uid: str, series_number: int,
-                       instance_uid: str, instance_number: int, series_description: str, derivation: str,
-                       equipment: tuple[str, str, str], references: Sequence[Dataset],
-                       patient_orientation: tuple[str, str] | None = None,
-                       pixel_spacing: tuple[float, float] | None = None) -> hd.sc.SCImage:
+def secondary_capture(
+    source: Dataset,
+    picture: NDArray[np.uint8],
+    *,
+    series_uid: str,
+    series_number: int,
+    instance_uid: str,
+    instance_number: int,
+    series_description: str,
+    derivation: str,
+    equipment: tuple[str, str, str],
+    references: Sequence[Dataset],
+    patient_orientation: tuple[str, str] | None = None,
+    pixel_spacing: tuple[float, float] | None = None,
+) -> hd.sc.SCImage:
     """RGB SC in a new series of the source's study, marked burned-in; equipment is (model, software, serial).
 
     patient_orientation None: the source's own PatientOrientation (Type 2C: empty when it gives none).
     """
     model_name, software_version, serial = equipment
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=picture, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        patient_orientation=("L", "F"),   # placeholder: highdicom takes one letter per direction (no "PF" for oblique)
+        ref_dataset=source,
+        pixel_array=picture,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=("L", "F"),  # placeholder: highdicom takes one letter per direction (no "PF" for oblique)
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom 0.28 annotates ints; mm are floats
-        series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=instance_uid,
-        instance_number=instance_number, manufacturer=MANUFACTURER, transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=clip_lo(series_description), manufacturer_model_name=clip_lo(model_name),
-        software_versions=clip_lo(software_version), device_serial_number=serial)
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=clip_lo(series_description),
+        manufacturer_model_name=clip_lo(model_name),
+        software_versions=clip_lo(software_version),
+        device_serial_number=serial,
+    )
+    _take_from_source(sc, source, patient_orientation, derivation, references)
+    return declare_charset(sc)
+
+
+def _take_from_source(
+    sc: hd.sc.SCImage,
+    source: Dataset,
+    patient_orientation: tuple[str, str] | None,
+    derivation: str,
+    references: Sequence[Dataset],
+) -> None:
+    """What the SC keeps of its source: orientation, laterality, visual features; burned-in, derived, referenced."""
     if patient_orientation is None:
         # highdicom wants an orientation for PATIENT; the SC's rows and columns run as the source's, so copy its
         # own over the placeholder above.
@@ -97,7 +143,6 @@ def secondary_capture(source: Dataset, picture: NDArray[np.uint8], *, series_uid
     sc.ConversionType = "WSD"  # made on a workstation from the source image
     sc.DerivationDescription = clip_lo(derivation)
     sc.SourceImageSequence = [reference_to(ds) for ds in references]
-    return declare_charset(sc)
 
 
 def reference_to(ds: Dataset) -> Dataset:
@@ -142,8 +187,15 @@ def colour_scale(heat: NDArray[np.float32]) -> NDArray[np.uint8]:
     return np.asarray(np.rint(np.stack(channels, axis=-1)), dtype=np.uint8)
 
 
-def _legend(draw: ImageDraw.ImageDraw, *, top: int, width: int, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-            font_px: int, caption: str) -> None:
+def _legend(
+    draw: ImageDraw.ImageDraw,
+    *,
+    top: int,
+    width: int,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    font_px: int,
+    caption: str,
+) -> None:
     """Colour bar labelled low … high on the first line, the caption on the second."""
     margin = font_px // 2
     low_w = int(draw.textlength("low", font=font))
@@ -151,8 +203,10 @@ def _legend(draw: ImageDraw.ImageDraw, *, top: int, width: int, font: ImageFont.
     bar_top = top + margin
     ramp = colour_scale(np.linspace(0.0, 1.0, max(2, bar_right - bar_left), dtype=np.float32))
     for offset, rgb in enumerate(ramp):
-        draw.line((bar_left + offset, bar_top, bar_left + offset, bar_top + font_px),
-                  fill=(int(rgb[0]), int(rgb[1]), int(rgb[2])))
+        draw.line(
+            (bar_left + offset, bar_top, bar_left + offset, bar_top + font_px),
+            fill=(int(rgb[0]), int(rgb[1]), int(rgb[2])),
+        )
     draw.text((margin, bar_top), "low", fill=_TEXT_RGB, font=font)
     draw.text((bar_right + margin, bar_top), "high", fill=_TEXT_RGB, font=font)
     draw.text((margin, bar_top + font_px + margin), caption, fill=_TEXT_RGB, font=font)

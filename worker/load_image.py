@@ -20,19 +20,17 @@ import numpy as np
 import pydicom
 from billiard.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
-from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut
 
-from models.spec import ProjectionPreprocessing, Resample
-from worker.errors import StudyRejected
+from models.preprocess import centre_square, shrink_square
+from models.spec import ProjectionPreprocessing
+from pacsai.errors import StudyRejected
 
 log = logging.getLogger(__name__)
 
-_FILTERS = {Resample.BICUBIC: Image.Resampling.BICUBIC, Resample.BILINEAR: Image.Resampling.BILINEAR,
-            Resample.BOX: Image.Resampling.BOX}
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA = 0x7FE00010
 
@@ -72,12 +70,9 @@ def prepare_image(ds: Dataset, pre: ProjectionPreprocessing) -> ProjectionImage:
     """Displayed grey values, the centred square and its resized copy; `ds` itself is left unchanged."""
     grey = display_grey(ds)
     square = centre_square(*grey.shape)
-    top, left, side = square
-    crop = Image.fromarray(grey[top:top + side, left:left + side])
-    rows, columns = pre.input_size
-    small = np.asarray(crop.resize((columns, rows), resample=_FILTERS[pre.resample]), dtype=np.uint8)
+    small = shrink_square(grey, pre)  # the one implementation training and evaluation use too (models/preprocess.py)
     header = without_pixels(ds)
-    log.info("prepared a %dx%d image (square side %d) as %dx%d", grey.shape[0], grey.shape[1], side, rows, columns)
+    log.info("prepared a %dx%d image (square side %d) as %dx%d", *grey.shape, square[2], *small.shape)
     return ProjectionImage(grey=grey, network_grey=small, square=square, header=header)
 
 
@@ -87,12 +82,6 @@ def without_pixels(ds: Dataset) -> Dataset:
     if hasattr(ds, "file_meta"):
         header.file_meta = ds.file_meta
     return header
-
-
-def centre_square(rows: int, columns: int) -> tuple[int, int, int]:
-    """(top, left, side) of the centred square whose side is the short edge; an odd excess leaves 1 more after it."""
-    side = min(rows, columns)
-    return (rows - side) // 2, (columns - side) // 2, side
 
 
 def display_grey(ds: Dataset) -> NDArray[np.uint8]:
@@ -134,8 +123,9 @@ def _voi_scaled(values: NDArray[np.float64], ds: Dataset) -> NDArray[np.float64]
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         return _lookup(values, ds.VOILUTSequence[0])
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        return _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth),
-                       str(ds.get("VOILUTFunction", "LINEAR")).upper())
+        return _window(
+            values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        )
     low, high = float(values.min()), float(values.max())
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 

@@ -1,4 +1,7 @@
-"""Task shells: decode the message, call the pipeline or the sender, record the outcome, retry or give up."""
+"""The inference task: decode the message, claim the job, run the pipeline, record the outcome, retry or give up.
+
+The delivery task is in worker/deliver_task.py, the notices task in worker/notify.py; importing this module
+registers all three (the Celery app includes `worker.tasks`)."""
 
 from __future__ import annotations
 
@@ -7,115 +10,151 @@ import os
 import signal
 import sys
 import time
-from functools import partial
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_init
 
-from dicom_node import audit, deidentify
-from dicom_node.send import SendResult, send_files
-from dicom_node.spool import Spool, SpoolCorrupted, check_intact
-from dicom_node.status import Outcome
-from worker import lease  # pipeline and outputs import torch: imported in the tasks, in the pool children (W6)
-from worker.enqueue import DELIVER_TASK, INFER_TASK, enqueue_delivery
-from worker.errors import PeerRefused, PeerUnavailable, WorkerError, causes
-from worker.jobs import Delivery, JobState, SeriesJob
-from worker.logs import log_context
-from worker.settings import Peer, Settings
-from worker.state import JobRow, State
+import worker.deliver_task  # noqa: F401  (the pacsai.deliver task)
+import worker.heartbeat  # noqa: F401  (each pool process writes its heartbeat row)
+import worker.notify  # noqa: F401  (the pacsai.notify task: HL7/FHIR notices after a delivery)
+from pacsai import lease  # pipeline imports torch: imported in the tasks, in the pool children (W6)
+from pacsai.enqueue import INFER_TASK, enqueue_delivery
+from pacsai.errors import Resource, WorkerError, causes, exhausted_resource
+from pacsai.jobs import Claim, Delivery, JobState, SeriesJob
+from pacsai.logs import log_context
+from pacsai.settings import Settings
+from pacsai.state import State
+from worker.stage_clock import timing as time_stages
+from worker.task_context import context, this_process, wait_for
+
+if TYPE_CHECKING:
+    from worker.pipeline import Results
 
 log = logging.getLogger(__name__)
 MAX_INFER_ATTEMPTS = 3
-_per_process: dict[str, Any] = {}
+
+
 # W3: RuntimeError texts (and torch.AcceleratorError) of an accelerator that failed; out of memory is not one (W2)
 DEVICE_FAILURES = ("CUDA error", "CUDA driver", "cuDNN error", "CUBLAS_STATUS", "device-side assert", "NCCL error")
-
-
-def _context(task: Task) -> tuple[Settings, State, Spool]:
-    if "state" not in _per_process:
-        settings: Settings = task.app.pacsai_settings
-        _per_process["settings"] = settings
-        _per_process["state"] = State(settings.database)
-        _per_process["spool"] = Spool(settings.spool_dir, settings.log_key, reserve_bytes=0)
-    return _per_process["settings"], _per_process["state"], _per_process["spool"]
 
 
 @worker_init.connect
 def _before_fork(**_: object) -> None:
     """W6: runs in the Celery parent before its pool forks; CUDA initialised here would be unusable in the children."""
-    _per_process["worker_pid"] = os.getpid()
+    this_process.worker_pid = os.getpid()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        log.critical("not starting: CUDA is initialised in the worker's parent process, so its forked pool processes "
-                     "cannot use it; keep torch out of the parent, or run the worker with --pool solo or threads")
+        log.critical(
+            "not starting: CUDA is initialised in the worker's parent process, so its forked pool processes "
+            "cannot use it; keep torch out of the parent, or run the worker with --pool solo or threads"
+        )
         raise SystemExit(3)
-    log.info("fork check: torch %s in the worker's parent process; pool processes load it themselves",
-             "is loaded, CUDA not initialised," if torch is not None else "is not loaded")
+    log.info(
+        "fork check: torch %s in the worker's parent process; pool processes load it themselves",
+        "is loaded, CUDA not initialised," if torch is not None else "is not loaded",
+    )
 
 
 @shared_task(bind=True, name=INFER_TASK, acks_late=True)
 def infer(self: Task, message: dict[str, str]) -> str:
-    settings, state, spool = _context(self)
+    settings, state, spool = context(self)
     job = SeriesJob.from_message(message)
     with log_context(job=job.job_id[:8], model=job.model):
-        if "unhealthy" in _per_process:     # W3: stopping after a device failure; another worker takes it
-            raise Reject(_per_process["unhealthy"], requeue=True)
-        row = state.job(job.job_id)
-        if row is not None and row.state in (JobState.ENCODED, JobState.DELIVERED):
-            log.info("job already %s; not running it again", row.state.value)
-            if row.state is JobState.ENCODED:
-                enqueue_delivery(self.app, Delivery(job.job_id, job.destination))
-            return str(row.state.value)
-        if row is not None and row.state in (JobState.FAILED, JobState.DEAD):
-            log.info("job already %s; not running it again", row.state.value)
-            return str(row.state.value)
+        if this_process.unhealthy:  # W3: stopping after a device failure; another worker takes it
+            raise Reject(this_process.unhealthy, requeue=True)
+        if (ended := _already_ran(self, state, job)) is not None:
+            return ended
         owner = lease.owner()
-        claim = state.claim_job(job.job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive,
-                                max_attempts=MAX_INFER_ATTEMPTS)
-        if claim == "held":
-            # the broker delivered it again while it runs elsewhere (visibility timeout, lost connection)
-            log.warning("job is running in another worker process; this second delivery is dropped")
-            return "duplicate"
-        if claim == "exhausted":
-            # the job started this often and never finished: it kills its worker (crash, OOM, time limit)
-            reason = f"gave up after {MAX_INFER_ATTEMPTS} attempts that did not finish"
-            state.set_job(job.job_id, JobState.DEAD, reason)
-            log.error("job dead: %s", reason)
-            raise Reject(reason, requeue=False)
-        if claim == "unknown":
-            log.error("job is not in the database; dropped (was the database replaced?)")
-            raise Reject("unknown job", requeue=False)
+        if (dropped := _claim(state, job, owner)) is not None:
+            return dropped
         try:
             # only now, with the attempt counted: the first import of torch takes seconds, and a job whose time
             # limit kills it during the import must still end dead after its attempts (Q6), not come back forever
             from worker import pipeline
+            from worker.deliver import peer_takes_seg
 
-            with lease.renewed(state, job.job_id, owner):
-                results = pipeline.run(job, settings, spool)
-        except WorkerError as exc:
-            if device_failed(exc):          # e.g. the model could not be moved to a GPU that is gone
-                _hand_back(state, job.job_id, exc)
-            return _give_up_or_retry(settings, state, job.job_id, exc, retryable=exc.retryable)
+            with lease.renewed(state, job.job_id, owner), time_stages() as stage_times:
+                fallback_overlays = peer_takes_seg(settings, state, job.destination) is not True
+                results = pipeline.run(job, settings, spool, fallback_overlays=fallback_overlays)
         except SoftTimeLimitExceeded:
-            limit = WorkerError(f"the job ran past its time limit of {settings.task_time_limit_s:g} s")
+            limit = WorkerError(f"the job ran past its time limit of {settings.queue.task_time_limit_s:g} s")
             log.error("%s", limit)
             return _give_up_or_retry(settings, state, job.job_id, limit, retryable=True)
-        except Exception as exc:  # unexpected: retry a bounded number of times, then dead
-            if device_failed(exc):
-                _hand_back(state, job.job_id, exc)
-            log.exception("job failed unexpectedly (%s)", type(exc).__name__)
-            return _give_up_or_retry(settings, state, job.job_id, exc, retryable=True)
-        if not results.files:
-            state.set_job(job.job_id, JobState.DELIVERED, "nothing found")
-            return "nothing found"
-        state.set_job(job.job_id, JobState.ENCODED)
-        log.info("job encoded %d segment(s) into %d file(s)", results.segments, len(results.files))
-        enqueue_delivery(self.app, Delivery(job.job_id, job.destination))
-        return "encoded"
+        except Exception as exc:
+            return _failed(settings, state, job.job_id, exc)
+        for stage, seconds in stage_times.items():  # load, model, encode (worker/pipeline.py)
+            state.record_stage(job.job_id, job.model, stage, seconds)
+        return _encoded(self, state, job, results)
+
+
+def _already_ran(task: Task, state: State, job: SeriesJob) -> str | None:
+    """The job's state when it already ran (a redelivered message); an encoded one gets its delivery again."""
+    row = state.job(job.job_id)
+    if row is None:
+        return None
+    if row.state in (JobState.ENCODED, JobState.DELIVERED, JobState.COMMITTED):
+        log.info("job already %s; not running it again", row.state.value)
+        if row.state is JobState.ENCODED:
+            enqueue_delivery(task.app, Delivery(job.job_id, job.destination))
+        return str(row.state.value)
+    if row.state in (JobState.FAILED, JobState.DEAD, JobState.CANCELLED):
+        log.info("job already %s; not running it again", row.state.value)
+        return str(row.state.value)
+    return None
+
+
+def _claim(state: State, job: SeriesJob, owner: str) -> str | None:
+    """Claim the job for this process (its attempt counted); "duplicate" when it runs elsewhere, raises when it
+    must not run (attempts exhausted: dead; unknown)."""
+    claim = state.claim_job(
+        job.job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive, max_attempts=MAX_INFER_ATTEMPTS
+    )
+    if claim is Claim.HELD:
+        # the broker delivered it again while it runs elsewhere (visibility timeout, lost connection)
+        log.warning("job is running in another worker process; this second delivery is dropped")
+        return "duplicate"
+    if claim is Claim.EXHAUSTED:
+        # the job started this often and never finished: it kills its worker (crash, OOM, time limit)
+        reason = f"gave up after {MAX_INFER_ATTEMPTS} attempts that did not finish"
+        state.set_job(job.job_id, JobState.DEAD, reason)
+        log.error("job dead: %s", reason)
+        raise Reject(reason, requeue=False)
+    if claim is Claim.UNKNOWN:
+        log.error("job is not in the database; dropped (was the database replaced?)")
+        raise Reject("unknown job", requeue=False)
+    return None
+
+
+def _failed(settings: Settings, state: State, job_id: str, exc: Exception) -> str:
+    """A run that raised: wait for a missing resource, hand the job back from a failed device, retry or give up."""
+    if (resource := exhausted_resource(exc)) is not None:  # disk or host memory ran out (ENOSPC, MemoryError)
+        return wait_for(state, job_id, resource, exc, give_back_attempt=True)
+    if device_failed(exc):  # e.g. the model could not be moved to a GPU that is gone
+        _hand_back(state, job_id, exc)
+    if isinstance(exc, WorkerError):
+        return _give_up_or_retry(settings, state, job_id, exc, retryable=exc.retryable)
+    log.exception("job failed unexpectedly (%s)", type(exc).__name__)  # retried a bounded number of times
+    return _give_up_or_retry(settings, state, job_id, exc, retryable=True)
+
+
+def _encoded(task: Task, state: State, job: SeriesJob, results: Results) -> str:
+    """Record what the run made and hand it to delivery (nothing to deliver: the job ends here)."""
+    if results.not_evaluated and not results.files:  # refused (an outcome, not a failure), no report wanted
+        state.set_job(job.job_id, JobState.DELIVERED, results.not_evaluated)
+        return "not evaluated"
+    if not results.files:
+        state.set_job(job.job_id, JobState.DELIVERED, "nothing found")
+        return "nothing found"
+    state.set_job(job.job_id, JobState.ENCODED, results.not_evaluated)  # reason: why the model refused
+    log.info("job encoded %d segment(s) into %d file(s)", results.segments, len(results.files))
+    try:
+        enqueue_delivery(task.app, Delivery(job.job_id, job.destination))
+    except Exception as exc:  # broker full or unreachable: the node sends the delivery when it takes messages
+        return wait_for(state, job.job_id, Resource.BROKER, exc, give_back_attempt=False)
+    return "encoded"
 
 
 def device_failed(exc: BaseException) -> bool:
@@ -128,7 +167,8 @@ def device_failed(exc: BaseException) -> bool:
         if kind.__name__ == "OutOfMemoryError" or "out of memory" in str(current):
             return False
         if (kind.__module__, kind.__name__) == ("torch", "AcceleratorError") or (
-                isinstance(current, RuntimeError) and any(text in str(current) for text in DEVICE_FAILURES)):
+            isinstance(current, RuntimeError) and any(text in str(current) for text in DEVICE_FAILURES)
+        ):
             return True
     return False
 
@@ -138,11 +178,11 @@ def _hand_back(state: State, job_id: str, exc: BaseException) -> NoReturn:
     failed; the attempt still counts, so a job that breaks every GPU ends DEAD) and this worker shuts down gracefully.
     """
     reason = f"the worker's accelerator failed ({type(exc).__name__})"
-    _per_process["unhealthy"] = reason
+    this_process.unhealthy = reason
     state.set_job(job_id, JobState.QUEUED, f"handed back: {reason}")
     log.critical("worker unhealthy: %s; the job goes back to the queue and this worker stops taking jobs", reason)
-    worker_pid = _per_process.get("worker_pid")
-    if worker_pid:      # warm shutdown: the Celery parent stops consuming and waits for this task to return
+    worker_pid = this_process.worker_pid
+    if worker_pid:  # warm shutdown: the Celery parent stops consuming and waits for this task to return
         os.kill(int(worker_pid), signal.SIGTERM)
     raise Reject(reason, requeue=True)
 
@@ -157,7 +197,7 @@ def _give_up_or_retry(settings: Settings, state: State, job_id: str, exc: Except
     row = state.job(job_id)
     attempts = row.attempts if row is not None else MAX_INFER_ATTEMPTS
     if retryable and attempts < MAX_INFER_ATTEMPTS:
-        delay_s = settings.retry_delay_s * 2 ** (attempts - 1)
+        delay_s = settings.queue.retry_delay_s * 2 ** (attempts - 1)
         state.schedule_retry(job_id, f"retrying: {reason}", time.time() + delay_s)
         log.warning("job attempt %d failed (%s); the node enqueues it again in %.0f s", attempts, reason, delay_s)
         raise Reject(reason, requeue=False)
@@ -165,80 +205,3 @@ def _give_up_or_retry(settings: Settings, state: State, job_id: str, exc: Except
     state.set_job(job_id, final, reason)
     log.error("job %s: %s", final.value, reason)
     raise Reject(reason, requeue=False)
-
-
-@shared_task(bind=True, name=DELIVER_TASK, acks_late=True, max_retries=None)
-def deliver(self: Task, message: dict[str, str]) -> str:
-    from worker import outputs, pipeline
-
-    settings, state, spool = _context(self)
-    delivery = Delivery.from_message(message)
-    job_id = delivery.job_id
-    with log_context(job=job_id[:8], destination=delivery.destination):
-        peer = settings.peer(delivery.destination)
-        if peer is None:
-            state.set_job(job_id, JobState.FAILED, f"destination {delivery.destination} is not a known peer")
-            raise Reject("unknown destination", requeue=False)
-        owner = lease.owner()
-        if not state.claim_delivery(job_id, owner, lease_s=lease.LEASE_S, alive=lease.alive):
-            # the broker handed this delivery out again while another process is sending it (Q10)
-            log.warning("results are being sent by another worker process; this second delivery is dropped")
-            return "duplicate"
-        with lease.renewed(state, job_id, owner):
-            profile = settings.profile_for(peer.ae_title)   # which results this peer gets (worker/profiles.py)
-            job = state.job(job_id)
-            files = outputs.pending(pipeline.outbox_for(settings, job_id), state.deliveries(job_id), profile)
-            send = partial(_send, spool, job, peer, settings.ae_title, profile.transfer_syntaxes,
-                           dimse_timeout_s=settings.dimse_timeout_s)
-            try:
-                results = outputs.with_seg_fallback(send(files), send, profile=profile, peer=peer, job_id=job_id,
-                                                    settings=settings, state=state, spool=spool)   # E5
-                audit.record_sent(settings, job, peer, results)
-                for result in results:
-                    state.record_delivery(job_id, result.path.name, peer.ae_title, result.outcome.value,
-                                          f"0x{result.code:04X}")
-                refused = [r for r in results if r.outcome is Outcome.PERMANENT]
-                if refused:
-                    raise PeerRefused(f"{peer.ae_title} refused {len(refused)} file(s) with "
-                                      f"0x{refused[0].code:04X}")
-                if any(r.outcome is Outcome.TRANSIENT for r in results):
-                    raise PeerUnavailable(f"{peer.ae_title} is out of resources")
-            except PeerUnavailable as exc:
-                attempt = self.request.retries + 1
-                audit.record_undelivered(settings, job, peer, str(exc), final=attempt >= settings.send_max_attempts)
-                if attempt >= settings.send_max_attempts:
-                    state.set_job(job_id, JobState.DEAD, f"{exc} after {attempt} attempts")
-                    raise Reject(str(exc), requeue=False) from exc
-                countdown = min(settings.send_backoff_s * 2 ** self.request.retries, settings.send_backoff_max_s)
-                failures = state.note_delivery_failure(job_id, f"delivery failing: {exc}")
-                log.warning("%s; attempt %d, retrying in %.0f s", exc, attempt, countdown)
-                if failures == settings.send_alert_after:
-                    log.error("ALERT: results for %s undelivered after %d attempts; still retrying", peer.ae_title,
-                              failures)
-                state.release_lease(job_id, owner)     # the retry may run in any process
-                raise self.retry(exc=exc, countdown=countdown) from exc
-            except SpoolCorrupted as exc:
-                audit.record_undelivered(settings, job, peer, str(exc), final=True)
-                state.set_job(job_id, JobState.FAILED, str(exc))
-                log.error("ALERT: results not sent: %s", exc)
-                raise Reject(str(exc), requeue=False) from exc
-            except PeerRefused as exc:
-                audit.record_undelivered(settings, job, peer, str(exc), final=True)
-                state.set_job(job_id, JobState.FAILED, str(exc))
-                log.error("ALERT: delivery failed for good, not retried: %s", exc)   # E2 permanent RJ, E3 refusals
-                raise Reject(str(exc), requeue=False) from exc
-        state.set_job(job_id, JobState.DELIVERED)
-        log.info("delivered %d file(s) to %s", len(files), peer.ae_title)
-        return "delivered"
-
-
-def _send(spool: Spool, job: JobRow | None, peer: Peer, calling_ae: str, transfer_syntaxes: tuple[str, ...],
-          files: list[Path], *, dimse_timeout_s: float | None = None) -> list[SendResult]:
-    """C-STORE files to the peer, proposing the transfer syntaxes of its profile (no files: nothing to do)."""
-    check_intact(files, what="result")      # S7 for results: a file changed since it was written is never sent
-    # A10: a de-identified job's results get their identity back here, on the node's host
-    files = deidentify.restore_identity(spool, job, files)
-    if not files:
-        return []
-    return send_files(files, peer, calling_ae=calling_ae, transfer_syntaxes=transfer_syntaxes,
-                      dimse_timeout_s=dimse_timeout_s)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,3 +58,11 @@ class Volume:
         for ds in self.datasets:
             seen.setdefault(id(ds), ds)
         return tuple(seen.values())
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc's malloc_trim): after decoding a series, the freed file
+    and pixel buffers would otherwise stay in the worker's resident memory, which its peak then builds on."""
+    if sys.platform.startswith("linux") and (name := ctypes.util.find_library("c")):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            ctypes.CDLL(name).malloc_trim(0)
