@@ -1,11 +1,12 @@
-"""MONAI bundles as models: the bundle's own network, transforms, inferer and labels, fed volumes loaded from DICOM."""
+"""MONAI bundles as models: the bundle's own network, transforms, inferer and labels, fed volumes loaded from DICOM.
+
+Over 300 lines on purpose: a bundle's load, its transforms and its inference are one contract with MONAI's configs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import inspect
 import logging
 import pickle
 import warnings
@@ -24,28 +25,34 @@ from monai.transforms.compose import Compose
 from monai.transforms.transform import MapTransform
 from numpy.typing import NDArray
 
+from models.bundle_config import (  # BundleError, BundleUnsupported: re-exported, the errors of this module
+    PRED_KEY,
+    BundleError,
+    BundleUnsupported,
+    adapt_network,
+    adapt_postprocessing,
+    check_packages,
+    component,
+    replace_loader,
+)
 from models.spec import Task
 
 log = logging.getLogger(__name__)
+__all__ = [
+    "BundleError",
+    "BundleModel",
+    "BundleUnsupported",
+    "LoadVolumed",
+    "instantiate_network",
+    "load_bundle",
+    "read_bundle",
+    "run_bundle",
+]
 
 CONFIG_FILES = ("configs/metadata.json", "configs/inference.json")
 WEIGHT_FILES = ("models/model.pt", "models/model.ts")
-PRED_KEY = "pred"  # MONAI engines' key for the network output (CommonKeys.PRED)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NO_CHANNEL = float("nan")  # MONAI readers' original_channel_dim for an array without a channel axis
-# MONAI components whose optional packages bundle metadata tends to leave out: component → (module, pip name)
-NEEDS = {"SwinUNETR": ("einops", "einops"), "TorchVisionFCModel": ("torchvision", "torchvision"),
-         "KeepLargestConnectedComponentd": ("skimage", "scikit-image")}
-REMOVED_ARGS = {"SwinUNETR": ("img_size",)}  # keywords newer MONAI dropped; left out when the class lacks them
-_WRITERS = ("SaveImaged", "SaveClassificationd")
-
-
-class BundleError(RuntimeError):
-    """A bundle cannot be loaded or run; the message names the bundle and never quotes patient data."""
-
-
-class BundleUnsupported(BundleError):
-    """A bundle needs a package this installation lacks; the message names the package."""
 
 
 class VolumeLike(Protocol):
@@ -113,8 +120,13 @@ class LoadVolumed(MapTransform):
             array, channel_dim = np.stack(arrays), 0
         elif self.spatial_dims == 2 and self.channels > 1:
             array, channel_dim = np.repeat(array[..., None], self.channels, axis=-1), -1
-        meta = {"original_affine": affine, "spatial_shape": spatial_shape, "original_channel_dim": channel_dim,
-                "space": "RAS", "filename_or_obj": "dicom-series"}
+        meta = {
+            "original_affine": affine,
+            "spatial_shape": spatial_shape,
+            "original_channel_dim": channel_dim,
+            "space": "RAS",
+            "filename_or_obj": "dicom-series",
+        }
         data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         return MetaTensor(data, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
 
@@ -139,13 +151,13 @@ def read_bundle(folder: Path, device: str = "cpu", overrides: Mapping[str, Any] 
         if parser.get(device_id) is not None:
             parser[device_id] = f"$torch.device({device!r})"
     parser.update(dict(overrides or {}))
-    _adapt_network(parser)
+    adapt_network(parser)
     return parser
 
 
 def instantiate_network(parser: ConfigParser, name: str) -> torch.nn.Module:
     """The bundle's network_def, freshly initialised; BundleUnsupported names a missing package."""
-    _check_packages(parser.get("network_def"), name)
+    check_packages(parser.get("network_def"), name)
     network: torch.nn.Module = _parsed(parser, "network_def", name)
     return network
 
@@ -160,22 +172,37 @@ def load_bundle(folder: Path, device: str, *, overrides: Mapping[str, Any] | Non
     classifies = outputs.get("format") != "segmentation" and "classif" in str(meta.get("task", "")).lower()
     task = Task.CLASSIFICATION if classifies else Task.SEGMENTATION
     for section in ("network_def", "preprocessing", "inferer", "postprocessing"):
-        _check_packages(parser.get(section), name)
+        check_packages(parser.get(section), name)
     spatial_dims = len(inputs.get("spatial_shape", "xyz"))
-    image_key = _replace_loader(parser, inputs, spatial_dims, name)
-    argmax = _adapt_postprocessing(parser, image_key, segmentation=task is Task.SEGMENTATION, name=name)
+    image_key = replace_loader(parser, inputs, spatial_dims, name, loader=LoadVolumed)
+    argmax = adapt_postprocessing(parser, image_key, segmentation=task is Task.SEGMENTATION, name=name)
     model = BundleModel(
-        name=name, version=str(meta.get("version", "0")), task=task, labels=_channel_names(outputs),
-        inputs=_channel_names(inputs) or (image_key,), network=_weighted_network(parser, folder, name, target),
-        preprocessing=_parsed(parser, "preprocessing", name), inferer=_parsed(parser, "inferer", name),
-        postprocessing=_parsed(parser, "postprocessing", name), device=target, image_key=image_key,
-        spatial_dims=spatial_dims, argmax=argmax, amp=bool(parser.get("evaluator#amp", False)))
+        name=name,
+        version=str(meta.get("version", "0")),
+        task=task,
+        labels=_channel_names(outputs),
+        inputs=_channel_names(inputs) or (image_key,),
+        network=_weighted_network(parser, folder, name, target),
+        preprocessing=_parsed(parser, "preprocessing", name),
+        inferer=_parsed(parser, "inferer", name),
+        postprocessing=_parsed(parser, "postprocessing", name),
+        device=target,
+        image_key=image_key,
+        spatial_dims=spatial_dims,
+        argmax=argmax,
+        amp=bool(parser.get("evaluator#amp", False)),
+    )
     log.info("loaded bundle %s %s (%s) on %s", folder.name, model.version, task.value, target)
     return model
 
 
-def run_bundle(model: BundleModel, volume: VolumeLike | Mapping[str, VolumeLike], *,
-               roi_size: Sequence[int] | None = None, sw_batch_size: int | None = None) -> NDArray[Any]:
+def run_bundle(
+    model: BundleModel,
+    volume: VolumeLike | Mapping[str, VolumeLike],
+    *,
+    roi_size: Sequence[int] | None = None,
+    sw_batch_size: int | None = None,
+) -> NDArray[Any]:
     """Segmentation: uint8 label map shaped like volume.array; classification: float32 score per label.
 
     A multi-channel bundle takes {input channel name (model.inputs): volume}, all on one grid. `roi_size` and
@@ -204,83 +231,6 @@ def _channel_names(section: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(str(channels[key]) for key in sorted(channels, key=int))
 
 
-def _target(item: Any) -> str:
-    """The class name a config item instantiates ("" when it is no component)."""
-    target = item.get("_target_") if isinstance(item, Mapping) else None
-    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
-
-
-def _targets(config: Any) -> list[str]:
-    """Every component name in a config section, depth first."""
-    children = config.values() if isinstance(config, Mapping) else config if isinstance(config, list) else ()
-    return [_target(config)] + [name for child in children for name in _targets(child)]
-
-
-def _check_packages(config: Any, name: str) -> None:
-    """Raise BundleUnsupported naming the first package a component in `config` needs and cannot import."""
-    for component in (c for c in _targets(config) if c in NEEDS):
-        module, package = NEEDS[component]
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # ImportError, or a wheel built for another torch failing in its own way
-            problem = "is not installed" if isinstance(exc, ImportError) else f"fails to import ({type(exc).__name__})"
-            raise BundleUnsupported(f"bundle {name}: {component} needs the package {package}, "
-                                    f"which {problem}") from None
-
-
-def _adapt_network(parser: ConfigParser) -> None:
-    """Leave out keywords newer MONAI removed (SwinUNETR img_size); no ImageNet download for weights we replace."""
-    network = parser.get("network_def")
-    if not isinstance(network, dict):
-        return
-    target = _target(network)
-    cls = getattr(importlib.import_module("monai.networks.nets"), target, None)
-    for arg in REMOVED_ARGS.get(target, ()):
-        if arg in network and cls is not None and arg not in inspect.signature(cls).parameters:
-            log.warning("bundle network %s: leaving out %s, which this MONAI no longer accepts", target, arg)
-            network = {key: value for key, value in network.items() if key != arg}
-    if network.get("pretrained") is True:
-        network = {**network, "pretrained": False}
-    parser["network_def"] = network
-
-
-def _replace_loader(parser: ConfigParser, inputs: Mapping[str, Any], spatial_dims: int, name: str) -> str:
-    """Swap the preprocessing's LoadImaged for LoadVolumed on its first key; return that image key."""
-    transforms = parser.get("preprocessing#transforms")
-    for index, item in enumerate(transforms if isinstance(transforms, list) else []):
-        if _target(item) == "LoadImaged":
-            keys = parser.get_parsed_content(f"preprocessing#transforms#{index}#keys")
-            image_key = str(keys if isinstance(keys, str) else keys[0])
-            parser[f"preprocessing#transforms#{index}"] = {
-                "_target_": LoadVolumed, "keys": image_key, "spatial_dims": spatial_dims,
-                "channels": int(inputs.get("num_channels", 1)), "image_only": bool(item.get("image_only", True))}
-            return image_key
-    raise BundleError(f"bundle {name}: preprocessing has no LoadImaged to feed the DICOM volume into")
-
-
-def _adapt_postprocessing(parser: ConfigParser, image_key: str, *, segmentation: bool, name: str) -> bool:
-    """Drop file writers; invert discrete labels with nearest neighbours (or at all); return whether it argmaxes."""
-    transforms = parser.get("postprocessing#transforms")
-    if not isinstance(transforms, list):
-        raise BundleError(f"bundle {name}: postprocessing is not a Compose of a transforms list")
-    kept: list[Any] = []
-    discrete = inverted = argmax = False
-    for item in (t for t in transforms if _target(t) not in _WRITERS):
-        if _target(item) == "Invertd":
-            inverted = True
-            if discrete and item.get("nearest_interp") is not True:
-                log.warning("bundle %s inverts discrete labels with interpolation; using nearest neighbours", name)
-                item = {**item, "nearest_interp": True}
-        discrete = discrete or _target(item).startswith("AsDiscrete")
-        argmax = argmax or (isinstance(item, dict) and item.get("argmax") is True)
-        kept.append(item)
-    if segmentation and not inverted:
-        kept.append({"_target_": "Invertd", "keys": PRED_KEY, "transform": "@preprocessing", "orig_keys": image_key,
-                     "nearest_interp": discrete, "to_tensor": True})
-    parser["postprocessing#transforms"] = kept
-    return argmax
-
-
 def _parsed(parser: ConfigParser, section: str, name: str) -> Any:
     """Instantiate one config section; a missing optional package becomes BundleUnsupported."""
     try:
@@ -300,7 +250,9 @@ def _parsed(parser: ConfigParser, section: str, name: str) -> Any:
 
 def _weights_path(parser: ConfigParser, folder: Path, name: str) -> Path | None:
     """The file the bundle's own CheckpointLoader reads, else models/model.pt, else models/model.ts."""
-    handlers = [f"handlers#{i}" for i, h in enumerate(parser.get("handlers") or []) if _target(h) == "CheckpointLoader"]
+    handlers = [
+        f"handlers#{i}" for i, h in enumerate(parser.get("handlers") or []) if component(h) == "CheckpointLoader"
+    ]
     ids = [f"{loader}#load_path" for loader in ("checkpointloader", *handlers)]
     configured = [Path(str(_parsed(parser, i, name))) for i in ids if parser.get(i) is not None]
     return next((path for path in [*configured, *(folder / f for f in WEIGHT_FILES)] if path.is_file()), None)
@@ -337,8 +289,9 @@ def _in_channel_order(model: BundleModel, volume: VolumeLike | Mapping[str, Volu
     first = volumes[0]
     if model.spatial_dims == 2 and first.array.shape[0] != 1:
         raise BundleError(f"bundle {model.name} reads one 2D image, not {first.array.shape[0]} slices")
-    if any(v.array.shape != first.array.shape or not np.allclose(v.affine, first.affine, atol=1e-3)
-           for v in volumes[1:]):
+    if any(
+        v.array.shape != first.array.shape or not np.allclose(v.affine, first.affine, atol=1e-3) for v in volumes[1:]
+    ):
         raise BundleError(f"bundle {model.name}: the input series are not on one grid (register and resample them)")
     return volumes
 

@@ -11,7 +11,8 @@ import torch
 
 from models import networks
 from models.bundle import BundleError, BundleModel, load_bundle
-from models.spec import BUNDLE_NETWORK, ModelSpec, SpecError
+from models.meshnet import TfjsModelError, load_tfjs
+from models.spec import BUNDLE_NETWORK, MESHNET_NETWORK, ModelSpec, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class LoadedModel:
     spec: ModelSpec
     module: torch.nn.Module
     device: torch.device
-    bundle: BundleModel | None = None     # set when the model is a MONAI bundle (spec network "monai.bundle")
+    bundle: BundleModel | None = None  # set when the model is a MONAI bundle (spec network "monai.bundle")
 
 
 def _folder_name(name: str) -> str:
@@ -57,7 +58,7 @@ def list_specs(models_dir: Path = MODELS_DIR) -> list[ModelSpec]:
 
 
 def pick_device(requested: str) -> str:
-    """"auto" → "cuda" when CUDA is available, else "cpu"; any other value is checked and passed through."""
+    """ "auto" → "cuda" when CUDA is available, else "cpu"; any other value is checked and passed through."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -79,6 +80,8 @@ def load_model(spec: ModelSpec, device: str) -> LoadedModel:
     """Build the spec's network, verify the weights' SHA-256, load them strictly and switch to eval mode."""
     if spec.network == BUNDLE_NETWORK:
         return _load_bundle(spec, device)
+    if spec.network == MESHNET_NETWORK:
+        return _load_meshnet(spec, device)
     try:
         module = networks.build(spec.network, spec.network_args)
     except networks.UnknownNetwork as exc:
@@ -102,8 +105,10 @@ def _verify_weights(spec: ModelSpec) -> None:
         raise ModelLoadError(f"model {spec.name}: weights file {spec.weights.name} is missing")
     actual = sha256_of(spec.weights)
     if actual != spec.weights_sha256.lower():
-        raise ModelLoadError(f"model {spec.name}: weights checksum mismatch for {spec.weights.name} "
-                             f"(spec {spec.weights_sha256[:12]}…, file {actual[:12]}…)")
+        raise ModelLoadError(
+            f"model {spec.name}: weights checksum mismatch for {spec.weights.name} "
+            f"(spec {spec.weights_sha256[:12]}…, file {actual[:12]}…)"
+        )
 
 
 def _load_bundle(spec: ModelSpec, device: str) -> LoadedModel:
@@ -115,3 +120,23 @@ def _load_bundle(spec: ModelSpec, device: str) -> LoadedModel:
     except BundleError as exc:
         raise ModelLoadError(f"model {spec.name}: {exc}") from None
     return LoadedModel(spec=spec, module=bundle.network, device=bundle.device, bundle=bundle)
+
+
+def _load_meshnet(spec: ModelSpec, device: str) -> LoadedModel:
+    """The published tf.js files as they are: model.json (the spec's weights) and each shard, checksums verified."""
+    _verify_weights(spec)
+    shards = spec.network_args.get("shards_sha256")
+    if not isinstance(shards, dict) or not shards:
+        raise ModelLoadError(f"model {spec.name}: network_args.shards_sha256 must map each weight shard to its SHA-256")
+    for name, expected in shards.items():
+        path = spec.weights.parent / str(name)
+        if not path.is_file() or sha256_of(path) != str(expected).lower():
+            raise ModelLoadError(f"model {spec.name}: weight shard {name} is missing or its checksum differs")
+    try:
+        module = load_tfjs(spec.weights, expected_shards=frozenset(str(name) for name in shards))
+    except TfjsModelError as exc:
+        raise ModelLoadError(f"model {spec.name}: {exc}") from None
+    target = torch.device(pick_device(device))
+    module.to(target).eval()
+    log.info("loaded model %s %s on %s", spec.name, spec.version, target)
+    return LoadedModel(spec=spec, module=module, device=target)

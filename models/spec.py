@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from models.domain import Domain, parse_domain
+
 
 class SpecError(ValueError):
     """A model spec is invalid; the message names the model and the field."""
@@ -89,8 +91,37 @@ class ClassificationSpec:
     preprocessing: ProjectionPreprocessing
 
 
+@dataclass(frozen=True, slots=True)
+class OodSpec:
+    """Out-of-distribution check: Mahalanobis distance of the features at `layer` to the statistics in `stats`.
+
+    `stats` (an .npz beside the weights, checked against `stats_sha256`) holds the class means, the shared precision
+    matrix and the threshold, which was calibrated on in-domain validation data; a score past it is not evaluated.
+    """
+
+    layer: str
+    stats: Path
+    stats_sha256: str
+    body_above: float | None = None  # volumes: only feature locations whose input patch is mostly above this value
+    min_body_fraction: float = 0.5  # (the body, not the air around it) are scored
+
+
+def _ood(folder: Path, raw: dict[str, Any] | None) -> OodSpec | None:
+    if raw is None:
+        return None
+    body = raw.get("body_above")
+    return OodSpec(
+        layer=str(raw["layer"]),
+        stats=folder / str(raw["stats"]),
+        stats_sha256=str(raw["stats_sha256"]),
+        body_above=None if body is None else float(body),
+        min_body_fraction=float(raw.get("min_body_fraction", 0.5)),
+    )
+
+
 # A classification spec has no volume preprocessing; this placeholder fills ModelSpec.preprocessing and is never read.
-BUNDLE_NETWORK = "monai.bundle"   # a MONAI bundle folder: network, preprocessing and inferer come from its configs
+BUNDLE_NETWORK = "monai.bundle"  # a MONAI bundle folder: network, preprocessing and inferer come from its configs
+MESHNET_NETWORK = "meshnet.tfjs"  # a tf.js MeshNet (models/meshnet.py); conform settings in network_args
 NO_VOLUME = Preprocessing(spacing_mm=(0.0, 0.0, 0.0), intensity_min=0.0, intensity_max=0.0, roi_size=(0, 0, 0))
 
 
@@ -108,6 +139,8 @@ class ModelSpec:
     preprocessing: Preprocessing
     description: str = ""
     classification: ClassificationSpec | None = None
+    domain: Domain | None = None  # the series it may evaluate (models/domain.py); None: no constraint
+    ood: OodSpec | None = None  # its out-of-distribution statistics (models/ood.py); None: no OOD check
 
     @classmethod
     def from_folder(cls, folder: Path) -> ModelSpec:
@@ -133,8 +166,13 @@ def _label(raw: dict[str, Any]) -> Label:
     colour = tuple(int(c) for c in raw["colour_rgb"])
     if len(colour) != 3:
         raise ValueError(f"label {raw['name']}: colour_rgb needs 3 values")
-    return Label(number=int(raw["number"]), name=str(raw["name"]), category=_code(raw["category"]),
-                 type=_code(raw["type"]), colour_rgb=(colour[0], colour[1], colour[2]))
+    return Label(
+        number=int(raw["number"]),
+        name=str(raw["name"]),
+        category=_code(raw["category"]),
+        type=_code(raw["type"]),
+        colour_rgb=(colour[0], colour[1], colour[2]),
+    )
 
 
 def _triple(values: Any, kind: type) -> Any:
@@ -146,9 +184,13 @@ def _triple(values: Any, kind: type) -> Any:
 
 def _volume(pre: dict[str, Any]) -> Preprocessing:
     return Preprocessing(
-        spacing_mm=_triple(pre["spacing_mm"], float), intensity_min=float(pre["intensity_min"]),
-        intensity_max=float(pre["intensity_max"]), roi_size=_triple(pre["roi_size"], int),
-        sw_batch_size=int(pre.get("sw_batch_size", 1)), overlap=float(pre.get("overlap", 0.25)))
+        spacing_mm=_triple(pre["spacing_mm"], float),
+        intensity_min=float(pre["intensity_min"]),
+        intensity_max=float(pre["intensity_max"]),
+        roi_size=_triple(pre["roi_size"], int),
+        sw_batch_size=int(pre.get("sw_batch_size", 1)),
+        overlap=float(pre.get("overlap", 0.25)),
+    )
 
 
 def _projection(pre: dict[str, Any]) -> ProjectionPreprocessing:
@@ -158,8 +200,12 @@ def _projection(pre: dict[str, Any]) -> ProjectionPreprocessing:
     std = float(pre.get("std", 0.5))
     if std <= 0:
         raise ValueError("preprocessing.std must be positive")
-    return ProjectionPreprocessing(input_size=(size[0], size[1]), resample=Resample(pre.get("resample", "bicubic")),
-                                   mean=float(pre.get("mean", 0.5)), std=std)
+    return ProjectionPreprocessing(
+        input_size=(size[0], size[1]),
+        resample=Resample(pre.get("resample", "bicubic")),
+        mean=float(pre.get("mean", 0.5)),
+        std=std,
+    )
 
 
 def _classification(raw: dict[str, Any]) -> ClassificationSpec:
@@ -169,8 +215,12 @@ def _classification(raw: dict[str, Any]) -> ClassificationSpec:
     threshold = float(block["threshold"])
     if not 0.0 < threshold < 1.0:
         raise ValueError("classification.threshold must lie strictly between 0 and 1")
-    return ClassificationSpec(finding=_code(block["finding"]), threshold=threshold,
-                              cam_layer=str(block["cam_layer"]), preprocessing=_projection(raw["preprocessing"]))
+    return ClassificationSpec(
+        finding=_code(block["finding"]),
+        threshold=threshold,
+        cam_layer=str(block["cam_layer"]),
+        preprocessing=_projection(raw["preprocessing"]),
+    )
 
 
 def _parse(folder: Path, raw: dict[str, Any]) -> ModelSpec:
@@ -180,11 +230,22 @@ def _parse(folder: Path, raw: dict[str, Any]) -> ModelSpec:
     if not labels and classification is None:
         raise ValueError("labels is empty")
     return ModelSpec(
-        name=str(raw["name"]), version=str(raw["version"]), task=task,
-        modalities=tuple(str(m) for m in raw["modalities"]), network=str(raw["network"]),
-        network_args=dict(raw.get("network_args", {})), weights=folder / str(raw["weights"]),
-        weights_sha256=str(raw["weights_sha256"]), labels=labels,
-        preprocessing=(NO_VOLUME if classification is not None or str(raw["network"]) == BUNDLE_NETWORK
-                       else _volume(raw["preprocessing"])),
-        description=str(raw.get("description", "")), classification=classification,
+        name=str(raw["name"]),
+        version=str(raw["version"]),
+        task=task,
+        modalities=tuple(str(m) for m in raw["modalities"]),
+        network=str(raw["network"]),
+        network_args=dict(raw.get("network_args", {})),
+        weights=folder / str(raw["weights"]),
+        weights_sha256=str(raw["weights_sha256"]),
+        labels=labels,
+        preprocessing=(
+            NO_VOLUME
+            if classification is not None or str(raw["network"]) in (BUNDLE_NETWORK, MESHNET_NETWORK)
+            else _volume(raw["preprocessing"])
+        ),
+        description=str(raw.get("description", "")),
+        classification=classification,
+        domain=parse_domain(raw.get("domain")),
+        ood=_ood(folder, raw.get("ood")),
     )

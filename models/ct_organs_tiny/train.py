@@ -22,9 +22,9 @@ from monai.losses.dice import DiceCELoss
 from numpy.typing import NDArray
 
 from models import networks
+from models.preprocess import resample
 from models.registry import sha256_of
 from models.spec import ModelSpec, Preprocessing
-from worker.infer import resample
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -75,15 +75,17 @@ def _crop(array: NDArray[ScalarT], start: NDArray[np.intp], size: NDArray[np.int
         return out
     dst_lo = src_lo - start
     dst_hi = dst_lo + (src_hi - src_lo)
-    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True))] = \
-        array[tuple(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True))]
+    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True))] = array[
+        tuple(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True))
+    ]
     return out
 
 
 def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
     """Resample a (x, y, z) volume on `grid`; outside is 0. Returns (1, *roi)."""
-    return torch.nn.functional.grid_sample(volume[None, None], grid, mode=mode, padding_mode="zeros",
-                                           align_corners=False)[0]
+    return torch.nn.functional.grid_sample(
+        volume[None, None], grid, mode=mode, padding_mode="zeros", align_corners=False
+    )[0]
 
 
 class Sampler:
@@ -155,8 +157,9 @@ def train(spec: ModelSpec, data_dir: Path, *, iterations: int, batch: int, seed:
     net = networks.build(spec.network, spec.network_args)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-5)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=iterations,
-                                                   pct_start=max(0.05, 2 / iterations))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=3e-3, total_steps=iterations, pct_start=max(0.05, 2 / iterations)
+    )
     started, running = time.monotonic(), 0.0
     net.train()
     for step in range(1, iterations + 1):
@@ -178,7 +181,7 @@ def train(spec: ModelSpec, data_dir: Path, *, iterations: int, batch: int, seed:
 def write_sha256(spec_path: Path, sha256: str) -> None:
     """Replace the weights_sha256 value in spec.yaml, leaving the rest of the file as written."""
     text = spec_path.read_text(encoding="utf-8")
-    updated, count = re.subn(r'(?m)^weights_sha256:.*$', f'weights_sha256: "{sha256}"', text)
+    updated, count = re.subn(r"(?m)^weights_sha256:.*$", f'weights_sha256: "{sha256}"', text)
     if count != 1:
         raise SystemExit(f"{spec_path} needs exactly one weights_sha256 line")
     spec_path.write_text(updated, encoding="utf-8")
@@ -202,8 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     net = train(spec, args.data, iterations=args.iterations, batch=args.batch, seed=args.seed)
     torch.save(net.state_dict(), args.out)
     sha256 = sha256_of(args.out)
-    print(f"trained in {time.monotonic() - started:.0f} s; {args.out.name}: {args.out.stat().st_size} bytes, "
-          f"sha256 {sha256}")
+    print(
+        f"trained in {time.monotonic() - started:.0f} s; {args.out.name}: {args.out.stat().st_size} bytes, "
+        f"sha256 {sha256}"
+    )
     if args.out.resolve() == spec.weights.resolve():
         write_sha256(HERE / "spec.yaml", sha256)
     return 0

@@ -2,7 +2,7 @@
 
 Run from the repository root:  .venv/bin/python -m models.cxr_pneumonia.evaluate [--data DIR] [--out FILE]
 Loads the model through the registry (which checks the weights' SHA-256), scores every image through
-worker.classify.probabilities, applies the spec's threshold (chosen on the validation split by train.py) and writes
+models.preprocess.probabilities, applies the spec's threshold (chosen on the validation split by train.py) and writes
 AUC, accuracy, sensitivity and specificity to evaluation.json next to this file.
 """
 
@@ -19,9 +19,9 @@ import torch
 from numpy.typing import NDArray
 
 from models.cxr_pneumonia.train import BALANCED, DEFAULT_DATA, HERE, VARUN, load_split
+from models.preprocess import classification_spec, probabilities
 from models.registry import load_model, sha256_of
 from models.spec import ModelSpec
-from worker.classify import classification_spec, probabilities
 
 COMMAND = ".venv/bin/python -m models.cxr_pneumonia.evaluate"
 
@@ -40,9 +40,19 @@ def metrics(scores: NDArray[np.float64], labels: NDArray[np.int64], threshold: f
     tn = int(np.sum(~predicted & (labels == 0)))
     fp = int(np.sum(predicted & (labels == 0)))
     fn = int(np.sum(~predicted & (labels == 1)))
-    return {"images": int(labels.size), "pneumonia": int(np.sum(labels == 1)), "normal": int(np.sum(labels == 0)),
-            "auc": auc(scores, labels), "accuracy": (tp + tn) / labels.size, "sensitivity": tp / (tp + fn),
-            "specificity": tn / (tn + fp), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    return {
+        "images": int(labels.size),
+        "pneumonia": int(np.sum(labels == 1)),
+        "normal": int(np.sum(labels == 0)),
+        "auc": auc(scores, labels),
+        "accuracy": (tp + tn) / labels.size,
+        "sensitivity": tp / (tp + fn),
+        "specificity": tn / (tn + fp),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
 
 
 def evaluate(spec: ModelSpec, data_dir: Path) -> dict[str, Any]:
@@ -50,16 +60,21 @@ def evaluate(spec: ModelSpec, data_dir: Path) -> dict[str, Any]:
     threshold = classification_spec(spec).threshold
     model = load_model(spec, "cpu")
     splits = {name: load_split(data_dir, name) for name in ("test", "val")}
-    scored = {name: metrics(probabilities(model, split.images), split.labels, threshold)
-              for name, split in splits.items()}
+    scored = {
+        name: metrics(probabilities(model, split.images), split.labels, threshold) for name, split in splits.items()
+    }
     return {
-        "model": spec.name, "version": spec.version, "weights_sha256": spec.weights_sha256,
+        "model": spec.name,
+        "version": spec.version,
+        "weights_sha256": spec.weights_sha256,
         "threshold": threshold,
         "threshold_rule": "Youden's J (max sensitivity + specificity) on the validation split; score >= threshold "
-                          "means pneumonia",
+        "means pneumonia",
         "data": {name: sha256_of(data_dir / name) for name in (VARUN, BALANCED)},
         "test_split": "official PneumoniaMNIST test = varun19424 test_images (624: 234 normal, 390 pneumonia)",
-        "test": scored["test"], "validation": scored["val"], "command": COMMAND,
+        "test": scored["test"],
+        "validation": scored["val"],
+        "command": COMMAND,
     }
 
 
@@ -73,9 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = evaluate(ModelSpec.from_folder(HERE), args.data)
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     test = record["test"]
-    print(f"test ({test['images']} images): AUC {test['auc']:.4f}  accuracy {test['accuracy']:.4f}  "
-          f"sensitivity {test['sensitivity']:.4f}  specificity {test['specificity']:.4f}  "
-          f"at threshold {record['threshold']:.6f}; wrote {args.out.name}")
+    print(
+        f"test ({test['images']} images): AUC {test['auc']:.4f}  accuracy {test['accuracy']:.4f}  "
+        f"sensitivity {test['sensitivity']:.4f}  specificity {test['specificity']:.4f}  "
+        f"at threshold {record['threshold']:.6f}; wrote {args.out.name}"
+    )
     return 0
 
 

@@ -20,9 +20,9 @@ import torch
 from numpy.typing import NDArray
 
 from models import networks
+from models.preprocess import probabilities
 from models.registry import LoadedModel, sha256_of
 from models.spec import ModelSpec
-from worker.classify import probabilities
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -107,25 +107,29 @@ def train(spec: ModelSpec, data: Split, recipe: Recipe, *, seed: int) -> torch.n
     net = networks.build(spec.network, spec.network_args)
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(targets) / recipe.batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.max_lr, pct_start=0.15,
-                                                   total_steps=recipe.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=recipe.max_lr, pct_start=0.15, total_steps=recipe.epochs * steps_per_epoch
+    )
     pos_weight = torch.tensor(float((data.labels == 0).sum()) / float((data.labels == 1).sum()))
     started = time.monotonic()
     for epoch in range(1, recipe.epochs + 1):
         net.train()
         order, running = torch.randperm(len(targets), generator=generator), 0.0
         for start in range(0, len(targets), recipe.batch):
-            index = order[start:start + recipe.batch]
+            index = order[start : start + recipe.batch]
             inputs = (augment(grey[index], recipe, generator) - pre.mean) / pre.std
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(inputs)[:, 0], targets[index],
-                                                                        pos_weight=pos_weight)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                net(inputs)[:, 0], targets[index], pos_weight=pos_weight
+            )
             optimiser.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             optimiser.step()
             schedule.step()
             running += loss.item() * len(index)
-        print(f"epoch {epoch}/{recipe.epochs}  loss {running / len(targets):.4f}  {time.monotonic() - started:.0f} s",
-              flush=True)
+        print(
+            f"epoch {epoch}/{recipe.epochs}  loss {running / len(targets):.4f}  {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
     return net.eval()
 
 
@@ -145,8 +149,8 @@ def youden_threshold(scores: NDArray[np.float64], labels: NDArray[np.int64]) -> 
 def write_spec_values(spec_path: Path, sha256: str, threshold: float) -> None:
     """Replace weights_sha256 and classification.threshold in spec.yaml, leaving the rest of the file as written."""
     text = spec_path.read_text(encoding="utf-8")
-    text, hashes = re.subn(r'(?m)^weights_sha256:.*$', f'weights_sha256: "{sha256}"', text)
-    text, thresholds = re.subn(r'(?m)^(  threshold:) *[0-9.eE+-]+', rf'\g<1> {threshold!r}', text)
+    text, hashes = re.subn(r"(?m)^weights_sha256:.*$", f'weights_sha256: "{sha256}"', text)
+    text, thresholds = re.subn(r"(?m)^(  threshold:) *[0-9.eE+-]+", rf"\g<1> {threshold!r}", text)
     if (hashes, thresholds) != (1, 1):
         raise SystemExit(f"{spec_path} needs exactly one weights_sha256 line and one indented threshold line")
     spec_path.write_text(text, encoding="utf-8")
@@ -174,8 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = youden_threshold(scores, val.labels)
     torch.save(net.state_dict(), args.out)
     sha256 = sha256_of(args.out)
-    print(f"trained in {elapsed_s:.0f} s; {args.out.name}: {args.out.stat().st_size} bytes, sha256 {sha256}; "
-          f"validation threshold {threshold:.6f}")
+    print(
+        f"trained in {elapsed_s:.0f} s; {args.out.name}: {args.out.stat().st_size} bytes, sha256 {sha256}; "
+        f"validation threshold {threshold:.6f}"
+    )
     if args.out.resolve() == spec.weights.resolve():
         write_spec_values(HERE / "spec.yaml", sha256, threshold)
     return 0

@@ -1,0 +1,1 @@
+"""The ct_organs_tiny model: spec, weights, card, training and evaluation scripts."""

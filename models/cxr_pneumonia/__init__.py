@@ -1,0 +1,1 @@
+"""The cxr_pneumonia model: spec, weights, card, training and evaluation scripts."""
