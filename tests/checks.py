@@ -9,9 +9,28 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset, config, dcmread
+from pydicom.uid import UID
+
+from models.spec import Label, ModelSpec, Preprocessing, Task
 
 VOLUME_CODE = "118565006"
 REFERENCED_SEGMENT_CODE = "121191"
+
+
+def segmentation_spec(*labels: Label, name: str = "ct-organs-tiny", modalities: tuple[str, ...] = ("CT",)) -> ModelSpec:
+    """A segmentation model's spec with these labels, for encoding tests (no weights are loaded from it)."""
+    return ModelSpec(
+        name=name,
+        version="0.1.0",
+        task=Task.SEGMENTATION,
+        modalities=modalities,
+        network="unet",
+        network_args={},
+        weights=Path("weights.pt"),
+        weights_sha256="0123abcd" * 8,
+        labels=labels,
+        preprocessing=Preprocessing((1.5, 1.5, 2.0), -1000.0, 1000.0, (64, 64, 64)),
+    )
 
 
 def to_bytes(dataset: Dataset) -> bytes:
@@ -72,10 +91,16 @@ def sr_volumes(sr: Dataset) -> dict[int, float]:
         if group.get("ValueType") != "CONTAINER" or "ContentSequence" not in group:
             continue
         children = list(group.ContentSequence)
-        segment = [c.ReferencedSOPSequence[0].ReferencedSegmentNumber for c in children
-                   if c.ConceptNameCodeSequence[0].CodeValue == REFERENCED_SEGMENT_CODE]
-        volume = [float(c.MeasuredValueSequence[0].NumericValue) for c in children
-                  if c.get("ValueType") == "NUM" and c.ConceptNameCodeSequence[0].CodeValue == VOLUME_CODE]
+        segment = [
+            c.ReferencedSOPSequence[0].ReferencedSegmentNumber
+            for c in children
+            if c.ConceptNameCodeSequence[0].CodeValue == REFERENCED_SEGMENT_CODE
+        ]
+        volume = [
+            float(c.MeasuredValueSequence[0].NumericValue)
+            for c in children
+            if c.get("ValueType") == "NUM" and c.ConceptNameCodeSequence[0].CodeValue == VOLUME_CODE
+        ]
         if segment and volume:
             volumes[int(segment[0])] = volume[0]
     return volumes
@@ -86,8 +111,9 @@ def check_seg_and_sr(seg_path: Path, sr_path: Path, source_dir: Path) -> dict[in
     seg, sr = dcmread(seg_path), dcmread(sr_path)
     positions, voxel_ml = source_geometry(source_dir)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
-    referenced = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
-                  for i in s.ReferencedInstanceSequence}
+    referenced = {
+        str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+    }
     assert referenced == set(positions), "the SEG must reference every source instance"
     for frame in seg.PerFrameFunctionalGroupsSequence:
         position = tuple(float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient)
@@ -114,7 +140,7 @@ def reuid_series(source_dir: Path, target_dir: Path, root: str, study_uid: str =
         for keyword, value in values.items():
             setattr(ds, keyword, value)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or f"{root}.1", f"{root}.2"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{root}.3.{index + 1}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{root}.3.{index + 1}")
         ds.save_as(target_dir / f"{index:04d}.dcm", enforce_file_format=True)
     return len(files)
 
@@ -122,7 +148,11 @@ def reuid_series(source_dir: Path, target_dir: Path, root: str, study_uid: str =
 def make_canary_series(source_dir: Path, target_dir: Path) -> list[str]:
     """Copy a series with unique patient values and UIDs; return the strings that must never leak."""
     root = "1.2.826.0.1.3680043.10.1051.777"
-    values = {"PatientName": "CANARY^PHI^Zq7", "PatientID": "CANARYID9Xk2", "PatientBirthDate": "19010203"}
+    values = {
+        "PatientName": "CANARY^PHI^Zq7",
+        "PatientID": "CANARYID9Xk2",
+        "PatientBirthDate": "19470203",
+    }  # an adult age: the CT model takes 18-120 years
     reuid_series(source_dir, target_dir, root, **values)
     return [*values.values(), f"{root}.1", f"{root}.2", f"{root}.3.", "CANARY"]
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.services import SHARED, Process, ServiceMissing, require_binary, start_redis
+from tests.services import SHARED, Process, ServiceMissing, require_binary, start_redis, start_storescp
+from tests.stack import Stack, StoreScpPacs, stack_env
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -44,6 +45,42 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     proc, url = start_redis(tmp_path / "redis")
     yield url
     proc.stop()
+
+
+@pytest.fixture()
+def pacs(tmp_path: Path) -> Iterator[StoreScpPacs]:
+    """dcmtk storescp as the PACS (AE title STORESCU, as the tests' storescu calls itself)."""
+    need("storescp"), need("storescu")
+    process, port, inbox = start_storescp(tmp_path / "pacs", ae_title="STORESCU")
+    yield StoreScpPacs(process, port, inbox, "STORESCU")
+    process.stop()
+
+
+@pytest.fixture()
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
+    """Make pacsai stacks: `stack(peers=..., broker_url=..., PACSAI_X=...)`, then `.start("node")` etc.
+
+    Every process is stopped at teardown; when the test failed, their logs are printed."""
+    made: list[Stack] = []
+
+    def make(*, peers: str, broker_url: str = "", data: Path | None = None, port: int = 0, **extra: str) -> Stack:
+        env = stack_env(data or tmp_path / "data", peers=peers, broker_url=broker_url, port=port, **extra)
+        made.append(Stack(tmp_path, env))
+        return made[-1]
+
+    yield make
+    report = getattr(request.node, "call_report", None)
+    for one in made:
+        if report is not None and report.failed:
+            print(one.logs())
+        one.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    if call.when == "call":
+        item.call_report = outcome.get_result()  # type: ignore[attr-defined]
 
 
 POSTGRES_ADMIN_URL = os.environ.get("PACSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -85,7 +122,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     ids = next((value for name, value in report.user_properties if name == "catalogue"), None)
     if not ids or (report.when != "call" and not (report.when == "setup" and not report.passed)):
         return
-    entry = _catalogue_results.setdefault(report.nodeid, {"ids": list(ids), "outcome": "passed"})
+    entry = _catalogue_results.setdefault(report.nodeid, {"ids": list(ids), "outcome": "passed"})  # type: ignore[call-overload]
     if not report.passed:
         entry["outcome"] = report.outcome
 
@@ -99,7 +136,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     target = os.environ.get("PACSAI_RELIABILITY_JSON")
-    if target and not hasattr(session.config, "workerinput"):   # the controller, or a run without xdist
+    if target and not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
         import json
 
         Path(target).write_text(json.dumps(_catalogue_results, indent=1))

@@ -27,21 +27,21 @@ CORPUS = SHARED / "dicom"
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "corpus-report.md"
 COMMAND = ".venv/bin/python scripts/corpus_report.py"
 NODE_AE = "PACSAI"
-_SPLIT = {"pydicom", "dcm_qa_ct"}           # folders whose subfolders are separate sources (see the corpus README)
+_SPLIT = {"pydicom", "dcm_qa_ct"}  # folders whose subfolders are separate sources (see the corpus README)
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
 _STATUS = re.compile(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})")
 _CONTEXT = re.compile(r"Context ID:\s+\d+ \((?P<result>[^)]+)\)")
 _REFUSED = re.compile(r"refused instance from (?P<ae>\S+): (?P<reason>.*?)(?: \(0x[0-9A-F]{4}\))?$")
 _NEGOTIATING = ("Proposed", "Accepted")
 _CHUNKED = threading.Lock()
-GENERIC_REASON = "unreadable dataset"   # the node's catch-all: names an exception type, not what is wrong
+GENERIC_REASON = "unreadable dataset"  # the node's catch-all: names an exception type, not what is wrong
 
 
 @dataclass(frozen=True, slots=True)
 class CorpusFile:
-    path: str                 # relative to the corpus root
-    sop_class: str            # from MANIFEST.tsv; empty when the file has none
-    transfer_syntax: str      # from MANIFEST.tsv; empty when the file meta has none
+    path: str  # relative to the corpus root
+    sop_class: str  # from MANIFEST.tsv; empty when the file has none
+    transfer_syntax: str  # from MANIFEST.tsv; empty when the file meta has none
 
     @property
     def folder(self) -> str:
@@ -51,21 +51,21 @@ class CorpusFile:
 
 @dataclass(frozen=True, slots=True)
 class Sent:
-    sender: str               # "storescu" or "pynetdicom" (raw bytes)
-    status: int | None        # the C-STORE response status; None when nothing was answered
-    note: str = ""            # why it was not sent (sender's words, file path removed)
-    rejected: str = ""        # the node rejected the presentation context: its A-ASSOCIATE-AC result
-    exit_code: int | None = None   # storescu's exit code (None: timed out, or not storescu)
+    sender: str  # "storescu" or "pynetdicom" (raw bytes)
+    status: int | None  # the C-STORE response status; None when nothing was answered
+    note: str = ""  # why it was not sent (sender's words, file path removed)
+    rejected: str = ""  # the node rejected the presentation context: its A-ASSOCIATE-AC result
+    exit_code: int | None = None  # storescu's exit code (None: timed out, or not storescu)
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     file: CorpusFile
     calling_ae: str
-    sent: Sent                # the answered send: storescu's, else the raw one
-    storescu_note: str = ""   # why storescu itself could not send the file ("" when it did)
+    sent: Sent  # the answered send: storescu's, else the raw one
+    storescu_note: str = ""  # why storescu itself could not send the file ("" when it did)
     storescu_exit: int | None = None
-    node_reason: str = ""     # the reason in the node's refusal log line
+    node_reason: str = ""  # the reason in the node's refusal log line
 
     @property
     def kind(self) -> str:
@@ -79,15 +79,20 @@ class Outcome:
 @dataclass(frozen=True, slots=True)
 class CorpusRun:
     outcomes: tuple[Outcome, ...]
-    crashes: tuple[str, ...]            # folders after which the node was not running or not listening
-    spool_files: int                    # .dcm files under the node's spool at the end
-    distinct_accepted: int              # distinct (study, series, SOP instance) UIDs among accepted files
-    node_errors: tuple[str, ...] = field(default=())   # ERROR or Traceback lines in the node's log
+    crashes: tuple[str, ...]  # folders after which the node was not running or not listening
+    spool_files: int  # .dcm files under the node's spool at the end
+    distinct_accepted: int  # distinct (study, series, SOP instance) UIDs among accepted files
+    node_errors: tuple[str, ...] = field(default=())  # ERROR or Traceback lines in the node's log
 
     def silent(self) -> list[Outcome]:
         """C-STORE refusals without a specific node log line (a drop the sender could not explain)."""
-        return [o for o in self.outcomes if o.kind == "refused" and not o.sent.rejected
-                and (not o.node_reason or o.node_reason.startswith(GENERIC_REASON))]
+        return [
+            o
+            for o in self.outcomes
+            if o.kind == "refused"
+            and not o.sent.rejected
+            and (not o.node_reason or o.node_reason.startswith(GENERIC_REASON))
+        ]
 
 
 def read_manifest(root: Path = CORPUS) -> list[CorpusFile]:
@@ -113,8 +118,20 @@ def write_storescu_config(files: Sequence[CorpusFile], path: Path) -> dict[tuple
 
 
 def send_storescu(path: Path, calling_ae: str, port: int, config: Path, profile: str | None) -> Sent:
-    argv = [require_binary("storescu"), "-d", "-aet", calling_ae, "-aec", NODE_AE, "-to", "10", "-ta", "10",
-            "-td", "60"]
+    argv = [
+        require_binary("storescu"),
+        "-d",
+        "-aet",
+        calling_ae,
+        "-aec",
+        NODE_AE,
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "60",
+    ]
     argv += ["-xf", str(config), profile] if profile else []
     try:
         run = subprocess.run([*argv, "127.0.0.1", str(port), str(path)], capture_output=True, timeout=180)
@@ -184,8 +201,9 @@ def send_raw(path: Path, calling_ae: str, port: int) -> Sent:
     return Sent("pynetdicom", int(response.Status))
 
 
-def send_file(root: Path, file: CorpusFile, calling_ae: str, port: int, config: Path,
-              profiles: dict[tuple[str, str], str]) -> Outcome:
+def send_file(
+    root: Path, file: CorpusFile, calling_ae: str, port: int, config: Path, profiles: dict[tuple[str, str], str]
+) -> Outcome:
     path = root / file.path
     sent = send_storescu(path, calling_ae, port, config, profiles.get((file.sop_class, file.transfer_syntax)))
     if sent.status is not None or sent.rejected:
@@ -195,8 +213,9 @@ def send_file(root: Path, file: CorpusFile, calling_ae: str, port: int, config: 
     return Outcome(file, calling_ae, answered, sent.note, sent.exit_code)
 
 
-def send_group(root: Path, group: Sequence[tuple[int, CorpusFile]], port: int, config: Path,
-               profiles: dict[tuple[str, str], str]) -> list[Outcome]:
+def send_group(
+    root: Path, group: Sequence[tuple[int, CorpusFile]], port: int, config: Path, profiles: dict[tuple[str, str], str]
+) -> list[Outcome]:
     """Send files that share a SOP Instance UID one after another (the spool keeps one file per instance)."""
     return [send_file(root, file, f"CORPUS{index:04d}", port, config, profiles) for index, file in group]
 
@@ -238,8 +257,15 @@ class _Node:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir, self.port = workdir, free_port()
-        self.env = pacsai_env(workdir / "data", port=self.port, peers="", PACSAI_ALLOW_ANY_CALLER="true",
-                              PACSAI_QUIET_PERIOD_S="86400", PACSAI_RELEASE_GRACE_S="86400")
+        self.env = pacsai_env(
+            workdir / "data",
+            port=self.port,
+            peers="",
+            PACSAI_ALLOW_ANY_CALLER="true",
+            PACSAI_QUIET_PERIOD_S="86400",
+            PACSAI_RELEASE_GRACE_S="86400",
+            PACSAI_COMPLETE_ON_DECLARED_COUNT="false",  # no series completes (and no no-model series is cleaned)
+        )
         self.process: Process = start_pacsai("node", workdir, self.env)
 
     def alive(self) -> bool:
@@ -269,17 +295,21 @@ def run_corpus(root: Path = CORPUS, workdir: Path | None = None, *, jobs: int = 
                 groups: dict[str, list[tuple[int, CorpusFile]]] = defaultdict(list)
                 for index, file in by_folder[folder]:
                     groups[instance_key(root / file.path)].append((index, file))
-                futures = [pool.submit(send_group, root, group, node.port, workdir / "storescu.cfg", profiles)
-                           for group in groups.values()]
+                futures = [
+                    pool.submit(send_group, root, group, node.port, workdir / "storescu.cfg", profiles)
+                    for group in groups.values()
+                ]
                 outcomes += [outcome for future in futures for outcome in future.result()]
                 if not node.alive():
                     crashes.append(folder)
                     node.restart()
-        time.sleep(0.5)   # the node logs a refusal before answering; let the last lines reach the file
+        time.sleep(0.5)  # the node logs a refusal before answering; let the last lines reach the file
         log = node.process.log()
         reasons = node_log_reasons(log)
-        outcomes = [Outcome(o.file, o.calling_ae, o.sent, o.storescu_note, o.storescu_exit,
-                            reasons.get(o.calling_ae, "")) for o in outcomes]
+        outcomes = [
+            Outcome(o.file, o.calling_ae, o.sent, o.storescu_note, o.storescu_exit, reasons.get(o.calling_ae, ""))
+            for o in outcomes
+        ]
         spool = workdir / "data" / "spool"
         spool_files = sum(1 for _ in spool.rglob("*.dcm")) if spool.is_dir() else 0
         accepted = [root / o.file.path for o in outcomes if o.kind == "accepted"]
@@ -327,8 +357,8 @@ def render_report(run: CorpusRun) -> str:
         "Statuses: 0xA900 the instance breaks its IOD (image without pixel data, pixel description missing or",
         "inconsistent with the pixel data); 0xC000 cannot understand (invalid UID, truncated element, nesting too",
         "deep); 0xC001 decoded pixel data over the size cap; 0xC002 no decoder exists for the transfer syntax; 0xA700",
-        "out of resources (spool). \"context rejected\": the node accepted the association but not the presentation",
-        "context (SOP class or transfer syntax it does not support), so no C-STORE was possible. \"Not sendable\":",
+        'out of resources (spool). "context rejected": the node accepted the association but not the presentation',
+        'context (SOP class or transfer syntax it does not support), so no C-STORE was possible. "Not sendable":',
         "neither storescu nor a raw C-STORE could send the file (it has no SOP Class or SOP Instance UID).",
         "",
         "## Per folder",
@@ -342,8 +372,10 @@ def render_report(run: CorpusRun) -> str:
         statuses = Counter(_status(o) for o in group if o.kind == "refused")
         refused = ", ".join(f"{status} ×{n}" for status, n in sorted(statuses.items())) or "0"
         sent_raw = sum(1 for o in group if o.storescu_note and o.kind != "not sendable")
-        lines.append(f"| {folder} | {len(group)} | {counts['accepted']} | {refused} | {counts['not sendable']} | "
-                     f"{sent_raw} | {run.crashes.count(folder)} |")
+        lines.append(
+            f"| {folder} | {len(group)} | {counts['accepted']} | {refused} | {counts['not sendable']} | "
+            f"{sent_raw} | {run.crashes.count(folder)} |"
+        )
     lines += ["", "## Per reason", "", "| outcome | status | reason | files | folders |", "|---|---|---|---:|---|"]
     reasons: dict[tuple[str, str, str], list[Outcome]] = defaultdict(list)
     for o in outcomes:
@@ -352,11 +384,17 @@ def render_report(run: CorpusRun) -> str:
     for (kind, status, why), group in sorted(reasons.items()):
         folders = ", ".join(sorted({o.file.folder for o in group}))
         lines.append(f"| {kind} | {status} | {why} | {len(group)} | {folders} |")
-    lines += ["", "## Files not accepted", "", "| file | outcome | status | sender | storescu exit | reason |",
-              "|---|---|---|---|---:|---|"]
+    lines += [
+        "",
+        "## Files not accepted",
+        "",
+        "| file | outcome | status | sender | storescu exit | reason |",
+        "|---|---|---|---|---:|---|",
+    ]
     for o in outcomes:
         if o.kind != "accepted":
             exit_code = "—" if o.storescu_exit is None else str(o.storescu_exit)
-            lines.append(f"| {o.file.path} | {o.kind} | {_status(o)} | {o.sent.sender or '—'} | {exit_code} | "
-                         f"{_why(o)} |")
+            lines.append(
+                f"| {o.file.path} | {o.kind} | {_status(o)} | {o.sent.sender or '—'} | {exit_code} | {_why(o)} |"
+            )
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -86,16 +87,35 @@ def spawn(name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | No
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     handle = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir,
-                             env={**os.environ, **(env or {})}, start_new_session=True)
+    popen = subprocess.Popen(
+        argv,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
     handle.close()
     return Process(name, popen, log_path)
 
 
 def start_redis(workdir: Path, *, appendonly: bool = True, port: int = 0) -> tuple[Process, str]:
     port = port or free_port()
-    argv = [require_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-            "--save", "", "--appendonly", "yes" if appendonly else "no", "--maxmemory-policy", "noeviction"]
+    argv = [
+        require_binary("redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--maxmemory-policy",
+        "noeviction",
+    ]
     proc = spawn("redis", argv, workdir)
     wait_until(lambda: port_open(port), 20, "redis-server")
     return proc, f"redis://127.0.0.1:{port}/0"
@@ -109,6 +129,7 @@ class Orthanc:
     http_port: int
     dicom_port: int
     ae_title: str = "ORTHANC"
+    auth: tuple[str, str] | None = None  # (user, password) when its REST API asks for HTTP basic auth
     base: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +137,9 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: bytes | None = None) -> Any:
         req = urllib.request.Request(self.base + path, data=body, method=method)
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=60) as response:
             payload = response.read()
         return json.loads(payload) if payload[:1] in (b"{", b"[") else payload
@@ -141,25 +165,45 @@ class Orthanc:
         self.process.stop()
 
 
-def start_orthanc(workdir: Path, *, modalities: Mapping[str, tuple[str, str, int]], stable_age_s: int = 2,
-                  lua: Path | None = ORTHANC_LUA) -> Orthanc:
+def start_orthanc(
+    workdir: Path,
+    *,
+    modalities: Mapping[str, tuple[str, str, int]],
+    stable_age_s: int = 2,
+    lua: Path | None = ORTHANC_LUA,
+    users: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Orthanc:
+    """Orthanc with its plugins (DICOMweb at /dicom-web); `users`: HTTP basic auth required, even on loopback;
+    `extra`: further configuration keys."""
     binary = require_binary("Orthanc")
     http_port, dicom_port = free_port(), free_port()
     storage = workdir / "orthanc-db"
     config = {
-        "Name": "pacsai-test-pacs", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port, "AllowStore": True}
-                            for name, (aet, host, port) in modalities.items()},
-        "StableAge": stable_age_s, "LuaScripts": [str(lua)] if lua else [],
+        "Name": "pacsai-test-pacs",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "DicomModalities": {
+            name: {"AET": aet, "Host": host, "Port": port, "AllowStore": True}
+            for name, (aet, host, port) in modalities.items()
+        },
+        "StableAge": stable_age_s,
+        "LuaScripts": [str(lua)] if lua else [],
         "Plugins": ["/usr/share/orthanc/plugins"] if Path("/usr/share/orthanc/plugins").is_dir() else [],
-        "DicomWeb": {"Enable": True}, "ConcurrentJobs": 2,
+        "DicomWeb": {"Enable": True},
+        "ConcurrentJobs": 2,
+        **({"AuthenticationEnabled": True, "RegisteredUsers": dict(users)} if users else {}),
+        **(extra or {}),
     }
     config = {key: value for key, value in config.items() if value is not None}
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
     proc = spawn("orthanc", [binary, str(workdir / "orthanc.json")], workdir, {"TCP_NODELAY": "1"})
-    orthanc = Orthanc(proc, http_port, dicom_port)
+    orthanc = Orthanc(proc, http_port, dicom_port, auth=next(iter(users.items())) if users else None)
 
     def up() -> bool:
         try:
@@ -186,19 +230,44 @@ def start_storescp(workdir: Path, ae_title: str = "STORESCP", port: int = 0) -> 
 
 
 def pacsai_env(data_dir: Path, *, port: int, peers: str, broker_url: str = "", **extra: str) -> dict[str, str]:
-    env = {"PACSAI_DATA_DIR": str(data_dir), "PACSAI_PORT": str(port), "PACSAI_BIND_HOST": "127.0.0.1",
-           "PACSAI_PEERS": peers, "PACSAI_QUIET_PERIOD_S": "10", "PACSAI_RELEASE_GRACE_S": "1",
-           "PACSAI_SPOOL_RESERVE_MB": "64", "PACSAI_LOG_KEY": "test-log-key", "PACSAI_SEND_BACKOFF_S": "1",
-           "PYTHONUNBUFFERED": "1", **extra}
+    env = {
+        "PACSAI_DATA_DIR": str(data_dir),
+        "PACSAI_PORT": str(port),
+        "PACSAI_BIND_HOST": "127.0.0.1",
+        "PACSAI_PEERS": peers,
+        "PACSAI_QUIET_PERIOD_S": "10",
+        "PACSAI_RELEASE_GRACE_S": "1",
+        "PACSAI_SPOOL_RESERVE_MB": "64",
+        "PACSAI_LOG_KEY": "test-log-key",
+        "PACSAI_SEND_BACKOFF_S": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
     if broker_url:
         env["PACSAI_BROKER_URL"] = broker_url
     return env
 
 
+def run_cli(*args: str, env: Mapping[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `pacsai <args>` to its end with only this environment (plus our PYTHONPATH; PATH /usr/bin unless given)."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env={"PATH": "/usr/bin", **env, "PYTHONPATH": str(REPO)},
+    )
+
+
 def start_pacsai(command: str, workdir: Path, env: Mapping[str, str]) -> Process:
     """Start `pacsai node`, `pacsai worker` or `pacsai run` as a process with the given PACSAI_* environment."""
-    proc = spawn(f"pacsai-{command}", [sys.executable, "-m", "dicom_node.cli", command], workdir,
-                 {**env, "PYTHONPATH": str(REPO)})
+    proc = spawn(
+        f"pacsai-{command}",
+        [sys.executable, "-m", "worker.cli", command],
+        workdir,
+        {**env, "PYTHONPATH": str(REPO)},
+    )
     if command in ("node", "run"):
         port = int(env["PACSAI_PORT"])
 
@@ -224,3 +293,23 @@ def supervised(*started: Process) -> Iterator[list[Process]]:
     finally:
         for proc in reversed(processes):
             proc.stop()
+
+
+def redis_dump(url: str, password: str | None = None) -> str:
+    """Every key and value in Redis, as text (for checks that nothing private is on the queue)."""
+    import redis
+
+    client = redis.Redis.from_url(url, password=password)
+    readers: dict[str, Callable[[Any], Any]] = {
+        "string": client.get,
+        "hash": client.hgetall,
+        "set": client.smembers,
+        "list": lambda key: client.lrange(key, 0, -1),
+        "zset": lambda key: client.zrange(key, 0, -1),
+    }
+    parts = []
+    for key in client.scan_iter():
+        kind = client.type(key)
+        read = readers.get(kind.decode() if isinstance(kind, bytes) else str(kind))
+        parts.append(f"{key!r} {read(key) if read else b''!r}")
+    return "\n".join(parts)

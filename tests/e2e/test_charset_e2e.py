@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,16 @@ from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.uid import UID
 
+from pacsai.logs import key_of
 from tests.checks import dciodvfy_errors
 from tests.conftest import need
-from tests.services import free_port, pacsai_env, start_pacsai, start_storescp, supervised, wait_until
-from worker.logs import key_of
+from tests.services import start_storescp, wait_until
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = "2.25.27182818284590452353602874713526"
 SLICES, LATE = 12, 2
-CORPUS_FILE = "chrH31.dcm"      # ['', 'ISO 2022 IR 87']: Yamada^Tarou=山田^太郎=やまだ^たろう
+CORPUS_FILE = "chrH31.dcm"  # ['', 'ISO 2022 IR 87']: Yamada^Tarou=山田^太郎=やまだ^たろう
 
 
 def japanese_series(ct_series: Path, corpus: Dataset, target: Path) -> list[Path]:
@@ -30,7 +32,7 @@ def japanese_series(ct_series: Path, corpus: Dataset, target: Path) -> list[Path
     files.sort(key=lambda p: float(dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
     target.mkdir(parents=True)
     copies = []
-    for index, path in enumerate(files[:SLICES + LATE]):
+    for index, path in enumerate(files[: SLICES + LATE]):
         ds = dcmread(path)
         ds["SpecificCharacterSet"] = DataElement(0x00080005, "CS", corpus.get_item("SpecificCharacterSet").value)
         ds["PatientName"] = DataElement(0x00100010, "PN", corpus.get_item("PatientName").value)
@@ -42,15 +44,21 @@ def japanese_series(ct_series: Path, corpus: Dataset, target: Path) -> list[Path
 
 
 def storescu(port: int, files: list[Path]) -> None:
-    subprocess.run(["storescu", "-xv", "-aet", "PACS", "-aec", "PACSAI", "127.0.0.1", str(port), *map(str, files)],
-                   check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        ["storescu", "-xv", "-aet", "PACS", "-aec", "PACSAI", "127.0.0.1", str(port), *map(str, files)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
 
 
 def jobs(data: Path) -> list[tuple[str, int, str, str, str]]:
     """(state, revision, job id, supersedes, superseded_by) of the series' jobs, by revision."""
     with contextlib.closing(sqlite3.connect(data / "pacsai.db", timeout=30)) as db:
-        rows = db.execute("SELECT state, revision, job_id, supersedes, superseded_by FROM jobs WHERE series_key=?"
-                          " ORDER BY revision", (key_of(b"test-log-key", f"{ROOT}.2"),)).fetchall()
+        rows = db.execute(
+            "SELECT state, revision, job_id, supersedes, superseded_by FROM jobs WHERE series_key=? ORDER BY revision",
+            (key_of(b"test-log-key", f"{ROOT}.2"),),
+        ).fetchall()
     return [(str(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows]
 
 
@@ -79,14 +87,18 @@ def check_names(result: Dataset, corpus: Dataset) -> None:
     assert result.SpecificCharacterSet == "ISO_IR 192"
     assert result.get_item("PatientName").value == str(corpus.PatientName).encode("utf-8")
     name, expected = result.PatientName, corpus.PatientName
-    assert (name.alphabetic, name.ideographic, name.phonetic) == (expected.alphabetic, expected.ideographic,
-                                                                  expected.phonetic)
+    assert (name.alphabetic, name.ideographic, name.phonetic) == (
+        expected.alphabetic,
+        expected.ideographic,
+        expected.phonetic,
+    )
     assert dciodvfy_errors(Path(result.filename)) == [], f"dciodvfy errors in the {result.Modality}"
 
 
 @pytest.mark.catalogue("C8")
-def test_japanese_study_round_trips_and_a_late_slice_supersedes_the_first_result(tmp_path: Path, shared: Path,
-                                                                                  ct_series: Path) -> None:
+def test_japanese_study_round_trips_and_a_late_slice_supersedes_the_first_result(
+    tmp_path: Path, shared: Path, ct_series: Path, stack: Callable[..., Stack]
+) -> None:
     """First sending: one SEG and one SR whose names equal the source's. The same instances again: no job, nothing
     new at the PACS. Two late slices: a second SEG and SR (v2) next to the first, the SR naming the first SR as its
     predecessor, and the database recording that the first result is superseded by the second."""
@@ -95,47 +107,47 @@ def test_japanese_study_round_trips_and_a_late_slice_supersedes_the_first_result
     files = japanese_series(ct_series, corpus, tmp_path / "source")
     corpus.decode()
     storescp, pacs_port, inbox = start_storescp(tmp_path / "pacs", ae_title="PACS")
-    port = free_port()
-    env = pacsai_env(tmp_path / "data", port=port, peers=f"PACS@127.0.0.1:{pacs_port}")   # on-disk queue
-    data = tmp_path / "data"
-    with supervised(storescp) as processes:
-        processes.append(start_pacsai("node", tmp_path, env))
-        processes.append(start_pacsai("worker", tmp_path, env))
-        storescu(port, files[:SLICES])
-        first = wait_until(lambda: arrived(inbox, 2), 300, "the first SEG and SR", 1.0)
-        assert sorted(first) == ["SEG", "SR"]
-        for result in (first["SEG"][0], first["SR"][0]):
-            check_names(result, corpus)
-        wait_until(lambda: [row[0] for row in jobs(data)] == ["delivered"], 60, "the first job delivered", 0.5)
+    pacsai = stack(peers=f"PACS@127.0.0.1:{pacs_port}")  # on-disk queue
+    pacsai.adopt(storescp)
+    port, data = pacsai.port, pacsai.data
+    node = pacsai.start("node")
+    worker = pacsai.start("worker")
+    storescu(port, files[:SLICES])
+    first = wait_until(lambda: arrived(inbox, 2), 300, "the first SEG and SR", 1.0)
+    assert sorted(first) == ["SEG", "SR"]
+    for result in (first["SEG"][0], first["SR"][0]):
+        check_names(result, corpus)
+    wait_until(lambda: [row[0] for row in jobs(data)] == ["delivered"], 60, "the first job delivered", 0.5)
 
-        storescu(port, files[:SLICES])   # the same study again
-        wait_until(lambda: processes[1].log().count("series complete") == 2, 60, "the series complete again", 0.5)
-        assert "series complete, 12 instances, models ct-organs-tiny, 0 new job(s)" in processes[1].log()
-        assert len(jobs(data)) == 1 and series_state(data) == "complete", "an unchanged series makes no new job"
-        assert len([p for p in inbox.iterdir() if p.is_file()]) == 2, "nothing new at the PACS"
+    storescu(port, files[:SLICES])  # the same study again
+    wait_until(lambda: node.log().count("series complete") == 2, 60, "the series complete again", 0.5)
+    assert "series complete, 12 instances, models ct-organs-tiny, 0 new job(s)" in node.log()
+    assert len(jobs(data)) == 1 and series_state(data) == "complete", "an unchanged series makes no new job"
+    assert len([p for p in inbox.iterdir() if p.is_file()]) == 2, "nothing new at the PACS"
 
-        storescu(port, files[SLICES:])   # two slices arrive late
-        results = wait_until(lambda: arrived(inbox, 4), 300, "the second SEG and SR", 1.0)
-        assert [len(results["SEG"]), len(results["SR"])] == [2, 2], "the first result stays, one result is added"
-        second_sr = next(ds for ds in results["SR"] if "PredecessorDocumentsSequence" in ds)
-        second_seg = next(ds for ds in results["SEG"] if ds.SOPInstanceUID != first["SEG"][0].SOPInstanceUID)
-        for result in (second_seg, second_sr):
-            check_names(result, corpus)
-        [study] = second_sr.PredecessorDocumentsSequence
-        assert study.StudyInstanceUID == f"{ROOT}.1"
-        assert study.ReferencedSeriesSequence[0].SeriesInstanceUID == first["SR"][0].SeriesInstanceUID
-        reference = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-        assert reference.ReferencedSOPInstanceUID == first["SR"][0].SOPInstanceUID
-        assert " v2 " in second_seg.SeriesDescription and "replaces earlier" in second_seg.ContentDescription
-        assert len(second_seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == SLICES + LATE
+    storescu(port, files[SLICES:])  # two slices arrive late
+    results = wait_until(lambda: arrived(inbox, 4), 300, "the second SEG and SR", 1.0)
+    assert [len(results["SEG"]), len(results["SR"])] == [2, 2], "the first result stays, one result is added"
+    second_sr = next(ds for ds in results["SR"] if "PredecessorDocumentsSequence" in ds)
+    second_seg = next(ds for ds in results["SEG"] if ds.SOPInstanceUID != first["SEG"][0].SOPInstanceUID)
+    for result in (second_seg, second_sr):
+        check_names(result, corpus)
+    [study] = second_sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == f"{ROOT}.1"
+    assert study.ReferencedSeriesSequence[0].SeriesInstanceUID == first["SR"][0].SeriesInstanceUID
+    reference = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == first["SR"][0].SOPInstanceUID
+    assert " v2 " in second_seg.SeriesDescription and "replaces earlier" in second_seg.ContentDescription
+    assert len(second_seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == SLICES + LATE
 
-        def both_ended() -> list[tuple[str, int, str, str, str]]:
-            rows = jobs(data)
-            return rows if [row[0] for row in rows] == ["delivered", "delivered"] else []
+    def both_ended() -> list[tuple[str, int, str, str, str]]:
+        rows = jobs(data)
+        return rows if [row[0] for row in rows] == ["delivered", "delivered"] else []
 
-        (_, _, first_id, _, superseded_by), (_, revision, second_id, supersedes, _) = wait_until(
-            both_ended, 60, "both jobs delivered", 0.5)
-        assert (revision, supersedes, superseded_by) == (2, first_id, second_id)
-        node_log = processes[1].log()
-        assert f"revision 2 superseding job {first_id[:8]}" in node_log
-        assert "Yamada" not in node_log + processes[2].log() and "山田" not in node_log + processes[2].log()
+    (_, _, first_id, _, superseded_by), (_, revision, second_id, supersedes, _) = wait_until(
+        both_ended, 60, "both jobs delivered", 0.5
+    )
+    assert (revision, supersedes, superseded_by) == (2, first_id, second_id)
+    node_log = node.log()
+    assert f"revision 2 superseding job {first_id[:8]}" in node_log
+    assert "Yamada" not in node_log + worker.log() and "山田" not in node_log + worker.log()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,19 +22,20 @@ from tests.conftest import IN_CI, need
 from tests.services import (
     REPO,
     Process,
-    free_port,
-    pacsai_env,
     spawn,
-    start_pacsai,
     start_storescp,
-    supervised,
     wait_until,
 )
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-CANARY_ROOT = "1.2.826.0.1.3680043.10.1051.777"     # tests.checks.make_canary_series
-EXTRA = {"AccessionNumber": "CANARYACC55", "ReferringPhysicianName": "CANARY^DOCTOR",
-         "StudyDescription": "CANARY study Wv3", "InstitutionName": "CANARY HOSPITAL Qx"}
+CANARY_ROOT = "1.2.826.0.1.3680043.10.1051.777"  # tests.checks.make_canary_series
+EXTRA = {
+    "AccessionNumber": "CANARYACC55",
+    "ReferringPhysicianName": "CANARY^DOCTOR",
+    "StudyDescription": "CANARY study Wv3",
+    "InstitutionName": "CANARY HOSPITAL Qx",
+}
 UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
 
 
@@ -62,78 +64,102 @@ def start_remote_worker(node_data: Path, workdir: Path, env: dict[str, str]) -> 
     for folder in ("spool/deid", "outbox"):
         (remote / folder).mkdir(parents=True)
         (node_data / folder).mkdir(parents=True, exist_ok=True)
-    mounts = " && ".join(f"mount --bind {shlex.quote(str(node_data / f))} {shlex.quote(str(remote / f))}"
-                         for f in ("spool/deid", "outbox"))
-    worker = f"exec {shlex.quote(sys.executable)} -m dicom_node.cli worker --no-deliver"
-    remote_env = {**env, "PACSAI_DATA_DIR": str(remote), "PACSAI_WORKER_MODELS": "ct-organs-tiny",
-                  "PACSAI_LOG_KEY": "another-key-on-the-gpu-host", "PYTHONPATH": str(REPO)}
+    mounts = " && ".join(
+        f"mount --bind {shlex.quote(str(node_data / f))} {shlex.quote(str(remote / f))}"
+        for f in ("spool/deid", "outbox")
+    )
+    worker = f"exec {shlex.quote(sys.executable)} -m worker.cli worker --no-deliver"
+    remote_env = {
+        **env,
+        "PACSAI_DATA_DIR": str(remote),
+        "PACSAI_WORKER_MODELS": "ct-organs-tiny",
+        "PACSAI_LOG_KEY": "another-key-on-the-gpu-host",
+        "PYTHONPATH": str(REPO),
+    }
     return spawn("pacsai-remote-worker", [*UNSHARE, "sh", "-c", f"{mounts} && {worker}"], workdir, remote_env)
 
 
 @pytest.mark.catalogue("A10")
 @pytest.mark.parametrize("database", ["postgres"], indirect=True)
-def test_remote_model_sees_only_a_deidentified_copy(tmp_path: Path, ct_series: Path, redis_url: str,
-                                                    database: str) -> None:
+def test_remote_model_sees_only_a_deidentified_copy(
+    tmp_path: Path, ct_series: Path, redis_url: str, database: str, stack: Callable[..., Stack]
+) -> None:
     need("storescu"), need("storescp"), need("dciodvfy")
     mount_namespaces_work()
     source = tmp_path / "canary-series"
     canaries = canary_series(ct_series, source)
     storescp, pacs_port, received = start_storescp(tmp_path / "pacs", ae_title="STORESCU")
-    port, node_data = free_port(), tmp_path / "node-data"
-    env = pacsai_env(node_data, port=port, peers=f"STORESCU@127.0.0.1:{pacs_port}", broker_url=redis_url,
-                     PACSAI_DATABASE_URL=database, PACSAI_DEIDENTIFY_FOR="ct-organs-tiny")
-    with supervised(storescp) as processes:
-        processes.append(start_pacsai("node", tmp_path, env))
-        # on the node's host: delivery, and only a model no rule sends this CT to (it never takes the CT job)
-        processes.append(start_pacsai("worker", tmp_path, {**env, "PACSAI_WORKER_MODELS": "cxr-pneumonia"}))
-        processes.append(remote := start_remote_worker(node_data, tmp_path, env))
-        subprocess.run(["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "+sd", "127.0.0.1", str(port),
-                        str(source)], check=True, timeout=120, capture_output=True)
+    node_data = tmp_path / "node-data"
+    pacsai = stack(
+        peers=f"STORESCU@127.0.0.1:{pacs_port}",
+        broker_url=redis_url,
+        data=node_data,
+        PACSAI_DATABASE_URL=database,
+        PACSAI_DEIDENTIFY_FOR="ct-organs-tiny",
+    )
+    pacsai.adopt(storescp)
+    port, env = pacsai.port, pacsai.env
+    pacsai.start("node")
+    # on the node's host: delivery, and only a model no rule sends this CT to (it never takes the CT job)
+    local = pacsai.start("worker", PACSAI_WORKER_MODELS="cxr-pneumonia")
+    remote = pacsai.adopt(start_remote_worker(node_data, tmp_path, env))
+    subprocess.run(
+        ["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "+sd", "127.0.0.1", str(port), str(source)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
 
-        def arrived() -> list[Path]:
-            files = [p for p in received.iterdir() if p.is_file()]
-            return files if len(files) >= 2 else []
+    def arrived() -> list[Path]:
+        files = [p for p in received.iterdir() if p.is_file()]
+        return files if len(files) >= 2 else []
 
-        files = wait_until(arrived, 300, "SEG and SR at storescp", 1.0)
-        assert "job encoded" in remote.log() and "job encoded" not in processes[2].log()
+    files = wait_until(arrived, 300, "SEG and SR at storescp", 1.0)
+    assert "job encoded" in remote.log() and "job encoded" not in local.log()
 
-        # what the remote worker read: a de-identified copy, under spool/deid only
-        copies = sorted((node_data / "spool" / "deid").rglob("*.dcm"))
-        assert len(copies) == 20
-        for path in copies:
-            data = path.read_bytes()
-            assert [canary for canary in canaries if canary.encode() in data] == []
-            copy = dcmread(path, stop_before_pixels=True)
-            assert copy.PatientIdentityRemoved == "YES"
-            assert copy.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
-        # what it wrote: results about nobody, in the shared outbox
-        outbox = sorted((node_data / "outbox").rglob("*.dcm"))
-        assert len(outbox) == 2
-        assert [c for path in outbox for c in canaries if c.encode() in path.read_bytes()] == []
-        # the identity map stayed next to the originals, outside what the remote worker mounts
-        (identity,) = (node_data / "spool").glob("*/*/identity-*.json")
-        assert "deid" not in identity.relative_to(node_data / "spool").parts
+    # what the remote worker read: a de-identified copy, under spool/deid only
+    copies = sorted((node_data / "spool" / "deid").rglob("*.dcm"))
+    assert len(copies) == 20
+    for path in copies:
+        data = path.read_bytes()
+        assert [canary for canary in canaries if canary.encode() in data] == []
+        copy = dcmread(path, stop_before_pixels=True)
+        assert copy.PatientIdentityRemoved == "YES"
+        assert copy.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+    # what it wrote: results about nobody, in the shared outbox
+    outbox = sorted((node_data / "outbox").rglob("*.dcm"))
+    assert len(outbox) == 2
+    assert [c for path in outbox for c in canaries if c.encode() in path.read_bytes()] == []
+    # the identity map stayed next to the originals, outside what the remote worker mounts
+    (identity,) = (node_data / "spool").glob("*/*/identity-*.json")
+    assert "deid" not in identity.relative_to(node_data / "spool").parts
 
-        # what the PACS got: the original study, patient and references, dciodvfy clean
-        by_modality = {dcmread(p, stop_before_pixels=True).Modality: p for p in files}
-        assert sorted(by_modality) == ["SEG", "SR"]
-        check_seg_and_sr(by_modality["SEG"], by_modality["SR"], source)     # references original SOP UIDs
-        original = dcmread(next(source.iterdir()), stop_before_pixels=True)
-        for path in files:
-            result = dcmread(path)
-            assert result.StudyInstanceUID == f"{CANARY_ROOT}.1"
-            for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
-                            "ReferringPhysicianName", "StudyDescription"):
-                assert result.get(keyword) == original.get(keyword), keyword
-            assert "PatientIdentityRemoved" not in result
-        evidence = dcmread(by_modality["SR"]).CurrentRequestedProcedureEvidenceSequence[0]
-        assert evidence.StudyInstanceUID == f"{CANARY_ROOT}.1"
-        assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == f"{CANARY_ROOT}.2"
-        assert dcmread(by_modality["SEG"]).FrameOfReferenceUID == original.FrameOfReferenceUID
+    # what the PACS got: the original study, patient and references, dciodvfy clean
+    by_modality = {dcmread(p, stop_before_pixels=True).Modality: p for p in files}
+    assert sorted(by_modality) == ["SEG", "SR"]
+    check_seg_and_sr(by_modality["SEG"], by_modality["SR"], source)  # references original SOP UIDs
+    original = dcmread(next(source.iterdir()), stop_before_pixels=True)
+    for path in files:
+        result = dcmread(path)
+        assert result.StudyInstanceUID == f"{CANARY_ROOT}.1"
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "AccessionNumber",
+            "ReferringPhysicianName",
+            "StudyDescription",
+        ):
+            assert result.get(keyword) == original.get(keyword), keyword
+        assert "PatientIdentityRemoved" not in result
+    evidence = dcmread(by_modality["SR"]).CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == f"{CANARY_ROOT}.1"
+    assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == f"{CANARY_ROOT}.2"
+    assert dcmread(by_modality["SEG"]).FrameOfReferenceUID == original.FrameOfReferenceUID
 
-        audit = (node_data / "audit.log").read_text()
-        assert "110106" in audit and "de-identified copy" in audit
-        texts = {proc.name: proc.log() for proc in processes if proc.name.startswith("pacsai")}
-        texts["audit"] = audit
-        assert find_leaks(canaries, texts, node_data) == []
-        assert find_leaks(canaries, {}, tmp_path / "remote-data") == []
+    audit = (node_data / "audit.log").read_text()
+    assert "110106" in audit and "de-identified copy" in audit
+    texts = {proc.name: proc.log() for proc in pacsai.processes if proc.name.startswith("pacsai")}
+    texts["audit"] = audit
+    assert find_leaks(canaries, texts, node_data) == []
+    assert find_leaks(canaries, {}, tmp_path / "remote-data") == []

@@ -49,7 +49,7 @@ def test_spleen_bundle_runs_through_the_worker_pipeline(tmp_path: Path, ct_serie
     model = load_model(load_spec("spleen-ct-segmentation", tmp_path / "models"), "cpu")
     assert model.bundle is not None and model.bundle.labels[1:] == ("spleen",)
     datasets = process_series(sorted(ct_series.iterdir()), model)
-    assert [str(ds.Modality) for ds in datasets] == ["SEG", "SR"]      # random weights label something
+    assert [str(ds.Modality) for ds in datasets] == ["SEG", "SR"]  # random weights label something
     for ds in datasets:
         ds.save_as(tmp_path / f"{ds.Modality}.dcm", enforce_file_format=True)
     check_seg_and_sr(tmp_path / "SEG.dcm", tmp_path / "SR.dcm", ct_series)

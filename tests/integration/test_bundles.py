@@ -40,7 +40,7 @@ from models.bundle import (
 )
 from models.spec import Task
 from tests.services import SHARED
-from worker.load import load_series
+from worker.load_volume import load_series
 from worker.volume import Volume
 
 pytestmark = pytest.mark.slow
@@ -63,14 +63,15 @@ class Case:
     roi_size: tuple[int, int, int] | None = None
     needs: tuple[str, str] | None = None  # (module, pip name) a component needs beyond our dependencies
     values: frozenset[int] | None = None  # label values when they are not the output channel numbers
-    crop: tuple[int, int] | None = None   # run on the central (slices, columns) box only (heavy networks on CPU)
+    crop: tuple[int, int] | None = None  # run on the central (slices, columns) box only (heavy networks on CPU)
 
 
 CASES = {
     "spleen_ct_segmentation": Case(CT, roi_size=THIN_CT_WINDOW),
     # the bundle's documented 3 mm option (displayable_configs#highres) and its weights file, to stay fast on CPU
-    "wholeBody_ct_segmentation": Case(CT, weights="models/model_lowres.pt",
-                                      overrides={"displayable_configs#highres": False}, roi_size=THIN_CT_WINDOW),
+    "wholeBody_ct_segmentation": Case(
+        CT, weights="models/model_lowres.pt", overrides={"displayable_configs#highres": False}, roi_size=THIN_CT_WINDOW
+    ),
     "swin_unetr_btcv_segmentation": Case(CT, roi_size=THIN_CT_WINDOW, needs=("einops", "einops"), crop=(20, 128)),
     "breast_density_classification": Case(RADIOGRAPH, Task.CLASSIFICATION, needs=("torchvision", "torchvision")),
     # BraTS postprocessing writes 1 tumour core, 2 oedema, 4 enhancing tumour (its Lambdad; docs/README.md)
@@ -101,8 +102,8 @@ def central_crop(volume: Volume, box: tuple[int, int]) -> Volume:
     first, top, left = max((slices - depth) // 2, 0), max((rows - size) // 2, 0), max((columns - size) // 2, 0)
     affine = volume.affine.copy()
     affine[:3, 3] += affine[:3, 0] * first + affine[:3, 1] * top + affine[:3, 2] * left
-    array = np.ascontiguousarray(volume.array[first:first + depth, top:top + size, left:left + size])
-    return Volume(array=array, affine=affine, datasets=volume.datasets[first:first + depth])
+    array = np.ascontiguousarray(volume.array[first : first + depth, top : top + size, left : left + size])
+    return Volume(array=array, affine=affine, datasets=volume.datasets[first : first + depth])
 
 
 def importable(module: str) -> bool:
@@ -217,8 +218,12 @@ def test_labels_land_on_the_source_voxels(series: Path, tmp_path: Path, volumes:
     folder = bundle_copy("spleen_ct_segmentation", tmp_path)
     network = instantiate_network(read_bundle(folder, "cpu", stand_in), folder.name)
     with torch.no_grad():
-        network.weight.copy_(torch.tensor([0.0, 1.0]).reshape(2, 1, 1, 1, 1))
-        network.bias.copy_(torch.tensor([0.5, 0.0]))  # channel 0 = 0.5, channel 1 = the scaled value
+        network.weight.copy_(  # type: ignore[operator]  # a Conv3d, typed as Module here
+            torch.tensor([0.0, 1.0]).reshape(2, 1, 1, 1, 1)
+        )
+        network.bias.copy_(  # type: ignore[operator]
+            torch.tensor([0.5, 0.0])
+        )  # channel 0 = 0.5, channel 1 = the scaled value
     (folder / "models").mkdir()
     torch.save(network.state_dict(), folder / "models" / "model.pt")
     volume = volumes[series]

@@ -20,12 +20,12 @@ from pydicom.uid import UID
 from pydicom.valuerep import PersonName
 
 from models.registry import LoadedModel, load_model, load_spec, pick_device
-from models.spec import Code, Label, ModelSpec, Preprocessing, Task
-from tests.checks import dciodvfy_errors, read_strict, to_bytes
+from models.spec import Code, Label, ModelSpec
+from tests.checks import dciodvfy_errors, read_strict, segmentation_spec, to_bytes
 from tests.conftest import need
 from worker.encode_seg import encode_seg
 from worker.encode_sr import encode_sr
-from worker.load import load_series
+from worker.load_volume import load_series
 from worker.pipeline import process_series
 from worker.uids import output_uids
 
@@ -33,14 +33,14 @@ pytestmark = [pytest.mark.integration]
 SLICES = 12
 # corpus file → a second name that pydicom writes in that file's character set
 REFERRING = {
-    "chrFren.dcm": "Dupré^Hélène",                             # ISO_IR 100
-    "chrX1.dcm": "Müller^Zoë=王^小明",                          # ISO_IR 192
-    "chrH31.dcm": "Suzuki^Hanako=鈴木^花子=すずき^はなこ",        # \ISO 2022 IR 87
-    "chrH32.dcm": "ｽｽﾞｷ^ﾊﾅｺ=鈴木^花子=すずき^はなこ",             # ISO 2022 IR 13\ISO 2022 IR 87
-    "chrX2.dcm": "Li^Ming=李^明",                               # GB18030
+    "chrFren.dcm": "Dupré^Hélène",  # ISO_IR 100
+    "chrX1.dcm": "Müller^Zoë=王^小明",  # ISO_IR 192
+    "chrH31.dcm": "Suzuki^Hanako=鈴木^花子=すずき^はなこ",  # \ISO 2022 IR 87
+    "chrH32.dcm": "ｽｽﾞｷ^ﾊﾅｺ=鈴木^花子=すずき^はなこ",  # ISO 2022 IR 13\ISO 2022 IR 87
+    "chrX2.dcm": "Li^Ming=李^明",  # GB18030
 }
 TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
-LANGUAGE_OF_CONTENT = "121049"   # DCM: Language of Content Item and Descendants (TID 1204)
+LANGUAGE_OF_CONTENT = "121049"  # DCM: Language of Content Item and Descendants (TID 1204)
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +95,24 @@ def language_of(sr: Dataset) -> str:
 
 @pytest.mark.catalogue("C8")
 @pytest.mark.parametrize("corpus_name", sorted(REFERRING))
-def test_names_come_back_unchanged_in_seg_sr_and_overlays(corpus_name: str, model: LoadedModel, shared: Path,
-                                                          ct_series: Path, tmp_path: Path) -> None:
+def test_names_come_back_unchanged_in_seg_sr_and_overlays(
+    corpus_name: str, model: LoadedModel, shared: Path, ct_series: Path, tmp_path: Path
+) -> None:
     """The worker re-declares its inputs' text as UTF-8 (ISO_IR 192: one repertoire holds every source's and
     ours), so each result declares ISO_IR 192, holds the names as UTF-8 bytes, and reads back with the same
     alphabetic, ideographic and phonetic groups as the source; every text value survives the write (nothing
     became "?"), dciodvfy finds no error, and the SR says its content is English, the language we write."""
     need("dciodvfy")
-    corpus = charset_series(ct_series, shared / "dicom" / "pydicom" / "charset_files" / corpus_name,
-                            tmp_path / "source")
+    corpus = charset_series(
+        ct_series, shared / "dicom" / "pydicom" / "charset_files" / corpus_name, tmp_path / "source"
+    )
     source = dcmread(tmp_path / "source" / "00.dcm")
     source.decode()
     assert str(source.PatientName) == str(corpus.PatientName)
     results = process_series(sorted((tmp_path / "source").iterdir()), model, overlays=True)
     kinds = [str(ds.Modality) for ds in results]
     assert kinds[:2] == ["SEG", "SR"] and len(kinds) > 2 and set(kinds[2:]) == {"OT"}
-    for index, built in enumerate(results[:3]):   # the SEG, the SR and the first overlay
+    for index, built in enumerate(results[:3]):  # the SEG, the SR and the first overlay
         data = to_bytes(built)
         back = read_strict(data)
         assert back.SpecificCharacterSet == "ISO_IR 192"
@@ -130,9 +132,7 @@ SPLEEN = Label(2, "Milz", ANATOMY, Code("78961009", "Spleen"), (157, 108, 162))
 
 
 def spec_with(*labels: Label, name: str = "ct-organs-tiny") -> ModelSpec:
-    return ModelSpec(name=name, version="0.1.0", task=Task.SEGMENTATION, modalities=("CT",), network="unet",
-                     network_args={}, weights=Path("weights.pt"), weights_sha256="0123abcd" * 8, labels=labels,
-                     preprocessing=Preprocessing((1.5, 1.5, 2.0), -1000.0, 1000.0, (64, 64, 64)))
+    return segmentation_spec(*labels, name=name)
 
 
 def default_repertoire_series(ct_series: Path, target: Path) -> list[Path]:
@@ -152,8 +152,7 @@ def label_map_of(shape: tuple[int, ...]) -> NDArray[np.uint8]:
     return labels
 
 
-def test_our_own_non_ascii_text_makes_a_default_repertoire_result_declare_utf8(ct_series: Path,
-                                                                               tmp_path: Path) -> None:
+def test_our_own_non_ascii_text_makes_a_default_repertoire_result_declare_utf8(ct_series: Path, tmp_path: Path) -> None:
     """A source in the default repertoire and a spec whose label and model names are not ASCII: the SEG and SR
     declare ISO_IR 192 and hold those names, instead of writing them as "?" (or as undeclared latin-1)."""
     need("dciodvfy")

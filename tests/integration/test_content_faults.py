@@ -34,7 +34,9 @@ from pydicom.uid import MPEG4HP41, UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from dicom_node.node import start_node
-from dicom_node.spool import file_hash, recorded_hash
+from pacsai.logs import configure, key_of
+from pacsai.settings import Settings
+from pacsai.storage import file_hash, recorded_hash
 from tests.conftest import IN_CI, need
 from tests.services import (
     REPO,
@@ -47,16 +49,14 @@ from tests.services import (
     start_storescp,
     wait_until,
 )
-from worker import load
-from worker.logs import configure, key_of
-from worker.settings import Settings
+from worker import load_volume
 
 pytestmark = [pytest.mark.integration]
 LOG_KEY = "test-log-key"
 PACS = "PACS"
-MARKUP_AE = "<i>&\"'</i>"            # C11: markup in an AE title (PS3.5 allows it: no backslash, no control char)
-SHELL_AE = "$(touch pwn1)|"     # C10: a command substitution and a pipe in an AE title
-CONTROL_AE = "A\x1b[31m\nFAKE"        # C10: an ANSI escape and a newline (pynetdicom refuses to send it unless told)
+MARKUP_AE = "<i>&\"'</i>"  # C11: markup in an AE title (PS3.5 allows it: no backslash, no control char)
+SHELL_AE = "$(touch pwn1)|"  # C10: a command substitution and a pipe in an AE title
+CONTROL_AE = "A\x1b[31m\nFAKE"  # C10: an ANSI escape and a newline (pynetdicom refuses to send it unless told)
 VIDEO_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4.1"
 MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 
@@ -65,8 +65,14 @@ def new_root() -> str:
     return f"2.25.{uuid.uuid4().int}"
 
 
-def copy_series(files: Sequence[Path], target: Path, root: str, *, raw: dict[str, tuple[str, bytes]] | None = None,
-                edit: Callable[[int, Dataset], None] | None = None) -> list[Path]:
+def copy_series(
+    files: Sequence[Path],
+    target: Path,
+    root: str,
+    *,
+    raw: dict[str, tuple[str, bytes]] | None = None,
+    edit: Callable[[int, Dataset], None] | None = None,
+) -> list[Path]:
     """Copy files with fresh Study/Series/SOP UIDs under `root`; `raw` values are written as the bytes given."""
     target.mkdir(parents=True, exist_ok=True)
     copies = []
@@ -84,8 +90,9 @@ def copy_series(files: Sequence[Path], target: Path, root: str, *, raw: dict[str
     return copies
 
 
-def store(port: int, files: Sequence[Path], *, calling: str = PACS,
-          while_open: Callable[[], None] | None = None) -> list[int]:
+def store(
+    port: int, files: Sequence[Path], *, calling: str = PACS, while_open: Callable[[], None] | None = None
+) -> list[int]:
     """C-STORE each file over one pynetdicom association; return the statuses (-1: no reply)."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
@@ -109,8 +116,12 @@ def _context_of(path: Path) -> tuple[str, str]:
 
 
 def storescu(port: int, files: Sequence[Path], *, calling: str = PACS) -> None:
-    subprocess.run(["storescu", "-xv", "-aet", calling, "-aec", "PACSAI", "127.0.0.1", str(port), *map(str, files)],
-                   check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        ["storescu", "-xv", "-aet", calling, "-aec", "PACSAI", "127.0.0.1", str(port), *map(str, files)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
 
 
 def escaped_forgeries(log: str) -> list[str]:
@@ -119,6 +130,7 @@ def escaped_forgeries(log: str) -> list[str]:
 
 
 # --- the module's node, worker and PACS ------------------------------------------------------------------------------
+
 
 @dataclass
 class Stack:
@@ -140,27 +152,34 @@ class Stack:
             return [tuple(row) for row in db.execute(sql, params).fetchall()]
 
     def series(self, series_uid: str) -> tuple[str, str] | None:
-        rows = self.query("SELECT state, reason FROM series WHERE series_key=?", (key_of(LOG_KEY.encode(),
-                                                                                         series_uid),))
+        rows = self.query(
+            "SELECT state, reason FROM series WHERE series_key=?", (key_of(LOG_KEY.encode(), series_uid),)
+        )
         return (rows[0][0], rows[0][1]) if rows else None
 
     def jobs(self, series_uid: str) -> list[tuple[str, str, str]]:
         """(job id, state, reason) of the series' jobs."""
-        rows = self.query("SELECT job_id, state, reason FROM jobs WHERE series_key=? ORDER BY job_id",
-                          (key_of(LOG_KEY.encode(), series_uid),))
+        rows = self.query(
+            "SELECT job_id, state, reason FROM jobs WHERE series_key=? ORDER BY job_id",
+            (key_of(LOG_KEY.encode(), series_uid),),
+        )
         return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def spooled(self, series_uid: str) -> list[Path]:
-        rows = self.query("SELECT path FROM instances WHERE series_key=? ORDER BY path",
-                          (key_of(LOG_KEY.encode(), series_uid),))
+        rows = self.query(
+            "SELECT path FROM instances WHERE series_key=? ORDER BY path", (key_of(LOG_KEY.encode(), series_uid),)
+        )
         return [self.data / "spool" / str(r[0]) for r in rows]
 
-    def wait_jobs_ended(self, series_uids: Sequence[str], timeout_s: float = 150
-                        ) -> dict[str, list[tuple[str, str, str]]]:
+    def wait_jobs_ended(
+        self, series_uids: Sequence[str], timeout_s: float = 150
+    ) -> dict[str, list[tuple[str, str, str]]]:
         def ended() -> dict[str, list[tuple[str, str, str]]] | None:
             found = {uid: self.jobs(uid) for uid in series_uids}
-            done = all(jobs and all(state in ("delivered", "failed", "dead") for _, state, _ in jobs)
-                       for jobs in found.values())
+            done = all(
+                jobs and all(state in ("delivered", "failed", "dead") for _, state, _ in jobs)
+                for jobs in found.values()
+            )
             return found if done else None
 
         result: dict[str, list[tuple[str, str, str]]] = wait_until(ended, timeout_s, "the jobs to end", 0.5)
@@ -191,9 +210,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("content")
     storescp, pacs_port, inbox = start_storescp(work / "pacs", ae_title=PACS)
     port = free_port()
-    env = pacsai_env(work / "data", port=port, peers=f"{PACS}@127.0.0.1:{pacs_port}",
-                     PACSAI_ALLOWED_CALLERS=",".join((PACS, MARKUP_AE, SHELL_AE)), PACSAI_QUIET_PERIOD_S="4",
-                     PACSAI_RELEASE_GRACE_S="1")
+    env = pacsai_env(
+        work / "data",
+        port=port,
+        peers=f"{PACS}@127.0.0.1:{pacs_port}",
+        PACSAI_ALLOWED_CALLERS=",".join((PACS, MARKUP_AE, SHELL_AE)),
+        PACSAI_QUIET_PERIOD_S="4",
+        PACSAI_RELEASE_GRACE_S="1",
+    )
     stack = Stack(work, port, env, inbox, [storescp])
     try:
         stack.processes.append(start_pacsai("node", work, env))
@@ -206,6 +230,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 # --- C8: character sets ----------------------------------------------------------------------------------------------
 
+
 def corpus_text(shared: Path, name: str) -> tuple[bytes, bytes]:
     """A corpus file's Specific Character Set and Patient's Name, as their encoded bytes."""
     ds = dcmread(shared / "dicom" / "pydicom" / "charset_files" / name)
@@ -213,16 +238,30 @@ def corpus_text(shared: Path, name: str) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.catalogue("C8")
-@pytest.mark.parametrize("name", ["chrArab.dcm", "chrGreek.dcm", "chrH31.dcm", "chrH32.dcm", "chrI2.dcm",
-                                  "chrKoreanMulti.dcm", "chrRuss.dcm", "chrX1.dcm", "chrX2.dcm", "chrSQEncoding.dcm",
-                                  "chrSQEncoding1.dcm", "chrJapMultiExplicitIR6.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chrArab.dcm",
+        "chrGreek.dcm",
+        "chrH31.dcm",
+        "chrH32.dcm",
+        "chrI2.dcm",
+        "chrKoreanMulti.dcm",
+        "chrRuss.dcm",
+        "chrX1.dcm",
+        "chrX2.dcm",
+        "chrSQEncoding.dcm",
+        "chrSQEncoding1.dcm",
+        "chrJapMultiExplicitIR6.dcm",
+    ],
+)
 def test_c8_every_corpus_character_set_is_read_as_utf8(shared: Path, name: str, tmp_path: Path) -> None:
-    """The worker reads each spooled file through load.read_source: the text pydicom decodes with the declared
+    """The worker reads each spooled file through load_volume.read_source: the text pydicom decodes with the declared
     character set (ISO 2022 code extensions, GB18030, sequences in another set) survives a write as ISO_IR 192."""
     path = shared / "dicom" / "pydicom" / "charset_files" / name
     original = dcmread(path)
     original.decode()
-    source = load.read_source(path)
+    source = load_volume.read_source(path)
     assert source.SpecificCharacterSet == "ISO_IR 192"
     source.save_as(tmp_path / "utf8.dcm", enforce_file_format=True)
     again = dcmread(tmp_path / "utf8.dcm")
@@ -241,33 +280,38 @@ def test_c8_unusual_and_unknown_character_sets_come_back_as_utf8(stack: Stack, s
     slices = sorted(ct_series.iterdir())[:10]
     japanese_charset, japanese_name = corpus_text(shared, "chrH32.dcm")
     _, german_name = corpus_text(shared, "chrGerm.dcm")
-    cases = {   # root → (raw charset, raw name, expected decoded name)
+    cases = {  # root → (raw charset, raw name, expected decoded name)
         new_root(): (japanese_charset, japanese_name, "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),
         new_root(): (b"ISO_IR 999", german_name, "Äneas^Rüdiger"),
     }
     for root, (charset, name, _) in cases.items():
-        files = copy_series(slices, stack.work / "c8" / root, root, raw={"SpecificCharacterSet": ("CS", charset),
-                                                                          "PatientName": ("PN", name)})
+        files = copy_series(
+            slices,
+            stack.work / "c8" / root,
+            root,
+            raw={"SpecificCharacterSet": ("CS", charset), "PatientName": ("PN", name)},
+        )
         storescu(stack.port, files)
     jobs = stack.wait_jobs_ended([f"{root}.2" for root in cases])
     for root, (_, raw_name, expected) in cases.items():
         assert [state for _, state, _ in jobs[f"{root}.2"]] == ["delivered"], jobs
         spooled = dcmread(stack.spooled(f"{root}.2")[0])
-        assert spooled.get_item("PatientName").value == raw_name            # stored as received, bytes and all
+        assert spooled.get_item("PatientName").value == raw_name  # stored as received, bytes and all
         results = stack.results(f"{root}.1")
         assert sorted(results) == ["SEG", "SR"]
         for ds in results.values():
             assert ds.SpecificCharacterSet == "ISO_IR 192"
             assert str(ds.PatientName) == expected
     logs = stack.log("pacsai-worker") + stack.log("pacsai-node")
-    assert "using default encoding instead" in logs                         # the fallback is announced …
-    assert "Rüdiger" not in logs and "太郎" not in logs and "ISO_IR 999" not in logs   # … without the values
+    assert "using default encoding instead" in logs  # the fallback is announced …
+    assert "Rüdiger" not in logs and "太郎" not in logs and "ISO_IR 999" not in logs  # … without the values
 
 
 # --- C9: preamble content --------------------------------------------------------------------------------------------
 
 ELF_PREAMBLE = (b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 8 + b"\x02\x00\x3e\x00" + b"MZ\x90\x00#!/bin/sh\nid\n").ljust(
-    128, b"\x00")
+    128, b"\x00"
+)
 
 
 @pytest.mark.catalogue("C9")
@@ -275,19 +319,28 @@ def test_c9_executable_preambles_never_reach_the_spool(stack: Stack, ct_series: 
     """C9 (CVE-2019-11687): a file whose 128-byte preamble is an ELF/PE/shell header is sent; the spooled copy has
     a zeroed preamble (a preamble never travels over DIMSE; pynetdicom writes zeros) and no execute bit."""
     root = new_root()
-    (source,) = copy_series(sorted(ct_series.iterdir())[:1], stack.work / "c9" / root, root,
-                            edit=lambda _, ds: setattr(ds, "preamble", ELF_PREAMBLE))
+    (source,) = copy_series(
+        sorted(ct_series.iterdir())[:1],
+        stack.work / "c9" / root,
+        root,
+        edit=lambda _, ds: setattr(ds, "preamble", ELF_PREAMBLE),
+    )
     assert source.read_bytes()[:4] == b"\x7fELF"
     seen: dict[str, Any] = {}
 
-    def inspect_spool() -> None:                # while the association is open the series is not complete yet
+    def inspect_spool() -> None:  # while the association is open the series is not complete yet
         (spooled,) = stack.spooled(f"{root}.2")
         content = spooled.read_bytes()
-        seen.update(preamble=content[:128], prefix=content[128:132], mode=stat.S_IMODE(spooled.stat().st_mode),
-                    executable=os.access(spooled, os.X_OK), hash=recorded_hash(spooled) == file_hash(spooled))
+        seen.update(
+            preamble=content[:128],
+            prefix=content[128:132],
+            mode=stat.S_IMODE(spooled.stat().st_mode),
+            executable=os.access(spooled, os.X_OK),
+            hash=recorded_hash(spooled) == file_hash(spooled),
+        )
 
     assert store(stack.port, [source], while_open=inspect_spool) == [0x0000]
-    assert seen == {"preamble": b"\x00" * 128, "prefix": b"DICM", "mode": 0o640, "executable": False, "hash": True}
+    assert seen == {"preamble": b"\x00" * 128, "prefix": b"DICM", "mode": 0o600, "executable": False, "hash": True}
 
 
 @pytest.mark.catalogue("C9", "C10")
@@ -302,11 +355,16 @@ def test_c9_c10_product_code_never_hands_anything_to_a_shell() -> None:
                 continue
             name = ast.unparse(node.func)
             assert not any(k.arg == "shell" for k in node.keywords), f"shell= in {file.name}: {name}"
-            assert name not in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput",
-                                "pty.spawn") and not name.startswith(("os.exec", "os.spawn")), f"{file.name}: {name}"
+            assert name not in (
+                "os.system",
+                "os.popen",
+                "subprocess.getoutput",
+                "subprocess.getstatusoutput",
+                "pty.spawn",
+            ) and not name.startswith(("os.exec", "os.spawn")), f"{file.name}: {name}"
             if name.startswith("subprocess."):
                 calls.append((file.name, name, ast.unparse(node.args[0])))
-    assert calls == [("cli.py", "subprocess.Popen", "[sys.executable, '-m', 'dicom_node.cli', 'worker']")]
+    assert calls == [("cli.py", "subprocess.Popen", "[sys.executable, '-m', 'worker.cli', 'worker']")]
 
 
 # --- C10, C11: shell metacharacters, control characters and markup in what peers send --------------------------------
@@ -329,10 +387,10 @@ def test_c10_c11_hostile_text_stays_data(stack: Stack, ct_series: Path, monkeypa
     root, markup_root, shell_root = new_root(), new_root(), new_root()
     files = copy_series(sorted(ct_series.iterdir())[:10], stack.work / "c10" / root, root, raw=HOSTILE)
     storescu(stack.port, files)
-    for calling, other in ((MARKUP_AE, markup_root), (SHELL_AE, shell_root)):   # a study of their own each
+    for calling, other in ((MARKUP_AE, markup_root), (SHELL_AE, shell_root)):  # a study of their own each
         single = copy_series(sorted(ct_series.iterdir())[:1], stack.work / "c10" / other, other, raw=HOSTILE)
         assert store(stack.port, single, calling=calling) == [0x0000]
-    monkeypatch.setitem(_config.VALIDATORS, "AE", lambda value: (True, ""))   # let our SCU send what a rogue would
+    monkeypatch.setitem(_config.VALIDATORS, "AE", lambda value: (True, ""))  # let our SCU send what a rogue would
     rogue = AE(ae_title=CONTROL_AE)
     rogue.add_requested_context("1.2.840.10008.1.1")
     assert not rogue.associate("127.0.0.1", stack.port, ae_title="PACSAI").is_established
@@ -341,30 +399,32 @@ def test_c10_c11_hostile_text_stays_data(stack: Stack, ct_series: Path, monkeypa
     assert job[1] == "delivered", job
     results = stack.results(f"{root}.1")
     assert sorted(results) == ["SEG", "SR"]
-    for ds in results.values():                      # copied, not "sanitised": viewers escape when they render
+    for ds in results.values():  # copied, not "sanitised": viewers escape when they render
         assert ds.PatientName.original_string == HOSTILE["PatientName"][1]
         assert ds.PatientID == HOSTILE["PatientID"][1].decode()
-    sr_text = [item.get("TextValue", "") + str(item.get("ConceptNameCodeSequence", ""))
-               for item in _content_items(results["SR"])]
-    assert not [text for text in sr_text if "<script" in text or "$(" in text]   # our report text is our own
+    sr_text = [
+        item.get("TextValue", "") + str(item.get("ConceptNameCodeSequence", ""))
+        for item in _content_items(results["SR"])
+    ]
+    assert not [text for text in sr_text if "<script" in text or "$(" in text]  # our report text is our own
 
     # C10: nothing was run, and no log line carries a raw control character or starts a forged entry
     assert not [p for p in stack.work.rglob("pwn*")]
     for name in ("pacsai-node", "pacsai-worker"):
         assert escaped_forgeries(stack.log(name)) == [], name
-    closed = stack.wait_series_closed([f"{markup_root}.2", f"{shell_root}.2"])      # stored, then not processed
+    closed = stack.wait_series_closed([f"{markup_root}.2", f"{shell_root}.2"])  # stored, then not processed
     assert {state for state, _ in closed.values()} == {"no_model"}
 
     # C11: the audit trail is XML that still parses, with the markup AE title as text; the CLIs print no markup
     audit = (stack.data / "audit.log").read_text(encoding="utf-8")
     lines = [line for line in audit.splitlines() if line.strip()]
-    from dicom_node.audit_log import parse_line
+    from dicom_node.read_audit import parse_line
 
     entries = [parse_line(line) for line in lines]
     assert None not in entries
     assert any(f"{MARKUP_AE} (" in part for entry in entries if entry for part in entry.participants)
     assert "&lt;i&gt;&amp;" in audit and "<i>&" not in audit and "\x1b" not in audit
-    cli = [sys.executable, "-m", "dicom_node.cli"]
+    cli = [sys.executable, "-m", "worker.cli"]
     env = {**os.environ, **stack.env, "PYTHONPATH": str(REPO)}
     status = subprocess.run([*cli, "status", "--json"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(status.stdout)["instances"]["received"] >= 10
@@ -406,8 +466,10 @@ def test_c10_log_lines_escape_control_characters(capsys: pytest.CaptureFixture[s
 
 # --- C12: SOP classes no model takes ---------------------------------------------------------------------------------
 
+
 def video_from(multiframe_jpeg: Path, target: Path, root: str) -> Path:
     """The corpus's 120-frame JPEG ultrasound, relabelled Video Photographic Image Storage (JPEG is allowed there)."""
+
     def relabel(_: int, ds: Dataset) -> None:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(VIDEO_PHOTOGRAPHIC)
         ds.Modality = "XC"
@@ -418,6 +480,7 @@ def video_from(multiframe_jpeg: Path, target: Path, root: str) -> Path:
 
 def mpeg4_video(template: Path, target: Path, root: str) -> Path:
     """A video in MPEG-4 AVC: no pixel decoder exists for it anywhere in the worker."""
+
     def to_mpeg(_: int, ds: Dataset) -> None:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(VIDEO_PHOTOGRAPHIC)
         ds.file_meta.TransferSyntaxUID = MPEG4HP41
@@ -445,12 +508,15 @@ def test_c12_objects_no_model_takes_are_accepted_then_ignored(stack: Stack, shar
         "localizer": corpus / "dcm_qa_ct" / "Philips_head_phantom" / "S1000" / "I10",
     }
     roots = {what: new_root() for what in [*sources, "video", "mpeg"]}
-    files = {what: copy_series([path], stack.work / "c12" / roots[what], roots[what])[0]
-             for what, path in sources.items()}
-    files["video"] = video_from(corpus / "pydicom-data" / "color3d_jpeg_baseline.dcm", stack.work / "c12" / "video",
-                                roots["video"])
-    files["mpeg"] = mpeg4_video(corpus / "pydicom-data" / "color3d_jpeg_baseline.dcm", stack.work / "c12" / "mpeg",
-                                roots["mpeg"])
+    files = {
+        what: copy_series([path], stack.work / "c12" / roots[what], roots[what])[0] for what, path in sources.items()
+    }
+    files["video"] = video_from(
+        corpus / "pydicom-data" / "color3d_jpeg_baseline.dcm", stack.work / "c12" / "video", roots["video"]
+    )
+    files["mpeg"] = mpeg4_video(
+        corpus / "pydicom-data" / "color3d_jpeg_baseline.dcm", stack.work / "c12" / "mpeg", roots["mpeg"]
+    )
     statuses = dict(zip(files, store(stack.port, list(files.values())), strict=True))
     assert statuses == {what: 0x0000 for what in [*sources, "video"]} | {"mpeg": 0xC002}
 
@@ -458,13 +524,15 @@ def test_c12_objects_no_model_takes_are_accepted_then_ignored(stack: Stack, shar
     closed = stack.wait_series_closed(accepted)
     assert set(closed.values()) == {("no_model", "no model matches")}
     assert all(stack.jobs(uid) == [] for uid in accepted)
-    assert stack.series(f"{roots['mpeg']}.2") is None                     # refused: never recorded
+    assert stack.series(f"{roots['mpeg']}.2") is None  # refused: never recorded
     assert not any((stack.data / "spool" / key_of(LOG_KEY.encode(), f"{roots[what]}.1")).exists() for what in roots)
     assert "no pixel data decoder exists for MPEG-4 AVC/H.264 High Profile / Level 4.1 (0xC002)" in stack.log(
-        "pacsai-node")
+        "pacsai-node"
+    )
 
 
 # --- C16: series a model is routed to but no volume can be made of ---------------------------------------------------
+
 
 @pytest.mark.catalogue("C16")
 def test_c16_unusable_series_end_failed_with_their_reason(stack: Stack, shared: Path, ct_series: Path) -> None:
@@ -476,18 +544,22 @@ def test_c16_unusable_series_end_failed_with_their_reason(stack: Stack, shared: 
 
     def tilt_one(index: int, ds: Dataset) -> None:
         if index == 5:
-            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.9950042, -0.0998334]   # 5.7° about x
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.9950042, -0.0998334]  # 5.7° about x
 
     def twin(index: int, ds: Dataset) -> None:
         if index == 1:
             ds.ImagePositionPatient = dcmread(slices[0], stop_before_pixels=True).ImagePositionPatient
 
     series = {
-        "tilt": copy_series(sorted((shared / "dicom" / "dcm_qa_ct" / "GE_head_tilt").glob("*.dcm")),
-                            stack.work / "c16" / "tilt", roots["tilt"]),
+        "tilt": copy_series(
+            sorted((shared / "dicom" / "dcm_qa_ct" / "GE_head_tilt").glob("*.dcm")),
+            stack.work / "c16" / "tilt",
+            roots["tilt"],
+        ),
         "gap": copy_series(slices[:9] + slices[10:], stack.work / "c16" / "gap", roots["gap"]),
-        "orientation": copy_series(slices[:12], stack.work / "c16" / "orientation", roots["orientation"],
-                                   edit=tilt_one),
+        "orientation": copy_series(
+            slices[:12], stack.work / "c16" / "orientation", roots["orientation"], edit=tilt_one
+        ),
         "duplicate": copy_series(slices[:12], stack.work / "c16" / "duplicate", roots["duplicate"], edit=twin),
     }
     for files in series.values():
@@ -495,18 +567,23 @@ def test_c16_unusable_series_end_failed_with_their_reason(stack: Stack, shared: 
     jobs = stack.wait_jobs_ended([f"{root}.2" for root in roots.values()])
     reasons = {what: jobs[f"{roots[what]}.2"] for what in roots}
     assert {what: [state for _, state, _ in found] for what, found in reasons.items()} == {
-        what: ["failed"] for what in roots}
-    expected = {"tilt": "uneven slice spacing", "gap": "uneven slice spacing",
-                "orientation": "mixed orientations in one series (ImageOrientationPatient differs)",
-                "duplicate": "share a position with another slice (duplicate positions)"}
+        what: ["failed"] for what in roots
+    }
+    expected = {
+        "tilt": "uneven slice spacing",
+        "gap": "uneven slice spacing",
+        "orientation": "mixed orientations in one series (ImageOrientationPatient differs)",
+        "duplicate": "share a position with another slice (duplicate positions)",
+    }
     for what, fragment in expected.items():
-        (_, _, reason), = reasons[what]
+        ((_, _, reason),) = reasons[what]
         assert reason.startswith("series not loadable: ") and fragment in reason, (what, reason)
         assert stack.results(f"{roots[what]}.1") == {}
     assert next(p for p in stack.processes if p.name == "pacsai-worker").popen.poll() is None
 
 
 # --- S7: a bit flipped in the spool after the instance was accepted --------------------------------------------------
+
 
 @pytest.mark.catalogue("S7")
 def test_s7_a_bit_flipped_after_acceptance_fails_the_job_before_inference(stack: Stack, ct_series: Path) -> None:
@@ -537,6 +614,7 @@ def test_s7_a_bit_flipped_after_acceptance_fails_the_job_before_inference(stack:
 
 # --- C15: a very large instance is streamed to disk; the cap refuses before it fills the disk ------------------------
 
+
 def multiframe(path: Path, root: str, frames: int) -> Path:
     """A 512 x 512 x frames, 16-bit multi-frame secondary capture (frames x 0.5 MiB of pixel data)."""
     ds = Dataset()
@@ -558,7 +636,7 @@ def dataset_hash(path: Path) -> str:
     """SHA-256 of a DICOM file's data set, after its file meta (which the receiver writes anew)."""
     with open(path, "rb") as handle:
         handle.seek(132)
-        group_length = handle.read(12)             # (0002,0000) UL, explicit VR: tag, VR, length, value
+        group_length = handle.read(12)  # (0002,0000) UL, explicit VR: tag, VR, length, value
         handle.seek(132 + 12 + struct.unpack("<I", group_length[8:])[0])
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -576,9 +654,17 @@ def test_c15_large_instances_stream_to_disk_with_memory_bounded(tmp_path: Path) 
     incoming files fills in the middle of a data set: 0xA700 for it, and the next instance on the same association
     is stored (pynetdicom alone would drop the association on the write error)."""
     port = free_port()
-    env = pacsai_env(tmp_path / "data", port=port, peers=f"{PACS}@127.0.0.1:104", PACSAI_MAX_INSTANCE_MB="64")
-    accepted = multiframe(tmp_path / "accepted.dcm", new_root(), 100)           # 50 MiB of pixel data
-    refused = multiframe(tmp_path / "refused.dcm", new_root(), 160)             # 80 MiB
+    env = pacsai_env(
+        tmp_path / "data",
+        port=port,
+        peers=f"{PACS}@127.0.0.1:104",
+        PACSAI_MAX_INSTANCE_MB="64",
+        # the multi-frame series must stay spooled until it is checked (complete by its count, no model: cleaned)
+        PACSAI_COMPLETE_ON_DECLARED_COUNT="false",
+        PACSAI_RELEASE_GRACE_S="300",
+    )
+    accepted = multiframe(tmp_path / "accepted.dcm", new_root(), 100)  # 50 MiB of pixel data
+    refused = multiframe(tmp_path / "refused.dcm", new_root(), 160)  # 80 MiB
     node = start_pacsai("node", tmp_path, env)
     try:
         before = peak_rss_mb(node.popen.pid)
@@ -586,7 +672,7 @@ def test_c15_large_instances_stream_to_disk_with_memory_bounded(tmp_path: Path) 
         largest = [0]
         stop = threading.Event()
 
-        def watch() -> None:           # how large the node's partial files get on disk while data arrives
+        def watch() -> None:  # how large the node's partial files get on disk while data arrives
             while not stop.wait(0.02):
                 for path in incoming.glob("*"):
                     with contextlib.suppress(OSError):
@@ -600,23 +686,27 @@ def test_c15_large_instances_stream_to_disk_with_memory_bounded(tmp_path: Path) 
             stop.set()
             watcher.join()
         growth = peak_rss_mb(node.popen.pid) - before
-        print(f"C15: node peak RSS {before:.0f} -> {before + growth:.0f} MiB; largest partial file "
-              f"{largest[0] / 2**20:.0f} MiB")
+        print(
+            f"C15: node peak RSS {before:.0f} -> {before + growth:.0f} MiB; largest partial file "
+            f"{largest[0] / 2**20:.0f} MiB"
+        )
         assert statuses == [0x0000, 0xC001]
-        assert growth < 32, f"node peak RSS grew by {growth:.0f} MiB"    # one copy in memory would be 50 MiB
+        assert growth < 32, f"node peak RSS grew by {growth:.0f} MiB"  # one copy in memory would be 50 MiB
         assert 0 < largest[0] <= 64 * 2**20
         assert list(incoming.iterdir()) == []
         (spooled,) = [p for p in (tmp_path / "data" / "spool").rglob("*.dcm")]
-        assert dataset_hash(spooled) == dataset_hash(accepted)                   # the data set as sent, byte for byte
+        assert dataset_hash(spooled) == dataset_hash(accepted)  # the data set as sent, byte for byte
         assert "data set larger than PACSAI_MAX_INSTANCE_MB (0xC001)" in node.log()
 
         # S1 while streaming: the disk under `incoming` fills mid data set; 0xA700, and the association goes on
         if not mount_tmpfs(incoming, "4m"):
             return
         try:
-            big, small = multiframe(tmp_path / "big.dcm", new_root(), 20), multiframe(tmp_path / "small.dcm",
-                                                                                      new_root(), 2)
-            assert store(port, [big, small]) == [0xA700, 0x0000]          # 10 MiB does not fit in 4, 1 MiB does
+            big, small = (
+                multiframe(tmp_path / "big.dcm", new_root(), 20),
+                multiframe(tmp_path / "small.dcm", new_root(), 2),
+            )
+            assert store(port, [big, small]) == [0xA700, 0x0000]  # 10 MiB does not fit in 4, 1 MiB does
             assert list(incoming.iterdir()) == []
             assert "data set could not be written to disk (0xA700)" in node.log()
         finally:
@@ -631,35 +721,53 @@ def test_c15_a_transfer_cut_off_mid_data_set_leaves_no_partial_file(tmp_path: Pa
     drops mid-P-DATA) is deleted when the connection ends, and files left by a node killed mid-transfer are
     deleted when it starts again; nothing reaches the spool."""
     need("storescu")
-    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path / "data"), "PACSAI_BIND_HOST": "127.0.0.1",
-                                  "PACSAI_PORT": str(free_port()), "PACSAI_LOG_KEY": LOG_KEY,
-                                  "PACSAI_PEERS": f"{PACS}@127.0.0.1:104", "PACSAI_SPOOL_RESERVE_MB": "1"})
-    incoming = settings.data_dir / "incoming"
+    settings = Settings.from_env(
+        {
+            "PACSAI_DATA_DIR": str(tmp_path / "data"),
+            "PACSAI_BIND_HOST": "127.0.0.1",
+            "PACSAI_PORT": str(free_port()),
+            "PACSAI_LOG_KEY": LOG_KEY,
+            "PACSAI_PEERS": f"{PACS}@127.0.0.1:104",
+            "PACSAI_SPOOL_RESERVE_MB": "1",
+        }
+    )
+    incoming = settings.storage.data_dir / "incoming"
     incoming.mkdir(parents=True)
     (incoming / "incoming-left-by-a-killed-node.dcm").write_bytes(b"\x00" * 1000)
     (incoming / "not-ours.txt").write_text("kept")
-    big = multiframe(tmp_path / "big.dcm", new_root(), 200)                    # 100 MiB
+    big = multiframe(tmp_path / "big.dcm", new_root(), 200)  # 100 MiB
     node = start_node(settings)
     try:
         assert sorted(p.name for p in incoming.iterdir()) == ["not-ours.txt"]
-        sender = subprocess.Popen(["storescu", "-aet", PACS, "-aec", "PACSAI", "127.0.0.1", str(settings.port),
-                                   str(big)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sender = subprocess.Popen(
+            ["storescu", "-aet", PACS, "-aec", "PACSAI", "127.0.0.1", str(settings.node.port), str(big)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            wait_until(lambda: any(p.stat().st_size > 10 * 2**20 for p in incoming.glob("incoming-*")), 60,
-                       "part of the data set on disk", 0.02)
+            wait_until(
+                lambda: any(p.stat().st_size > 10 * 2**20 for p in incoming.glob("incoming-*")),
+                60,
+                "part of the data set on disk",
+                0.02,
+            )
         finally:
             sender.kill()
             sender.wait()
         wait_until(lambda: not list(incoming.glob("incoming-*")), 30, "the partial file to go", 0.1)
-        assert not list(settings.spool_dir.rglob("*.dcm")) and node.state.counts()["instances"]["received"] == 0
+        assert not list(settings.storage.spool_dir.rglob("*.dcm")) and node.state.counts()["instances"]["received"] == 0
     finally:
         node.stop()
 
 
 def mount_tmpfs(where: Path, size: str) -> bool:
     """Mount a small tmpfs (root only): False where that is not possible outside CI."""
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                      capture_output=True).returncode == 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        == 0
+    ):
         return True
     if IN_CI:
         pytest.fail("cannot mount a tmpfs (needs root)")
@@ -667,6 +775,7 @@ def mount_tmpfs(where: Path, size: str) -> bool:
 
 
 # --- S5: a spool the node cannot write ------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def tmpfs_spool(tmp_path: Path) -> Iterator[Path]:
@@ -684,21 +793,26 @@ def tmpfs_spool(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.catalogue("S5")
 def test_s5_read_only_spool_stops_the_node_and_a_spool_lost_later_answers_out_of_resources(
-        tmpfs_spool: Path, tmp_path: Path, ct_series: Path) -> None:
+    tmpfs_spool: Path, tmp_path: Path, ct_series: Path
+) -> None:
     """At start, a read-only spool stops `pacsai node` with a message naming the directory and PACSAI_DATA_DIR; it
     never listens and never writes elsewhere (its TMPDIR stays empty). Made read-only while running, the spool makes
     the node answer 0xA700 (the sender retries later), keep nothing, and store again once it is writable."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     port = free_port()
-    env = pacsai_env(tmp_path / "data", port=port, peers=f"{PACS}@127.0.0.1:104", TMPDIR=str(scratch),
-                     PACSAI_SPOOL_RESERVE_MB="0")
+    env = pacsai_env(
+        tmp_path / "data", port=port, peers=f"{PACS}@127.0.0.1:104", TMPDIR=str(scratch), PACSAI_SPOOL_RESERVE_MB="0"
+    )
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs_spool)], check=True)
-    refused = spawn("pacsai-node-ro", [sys.executable, "-m", "dicom_node.cli", "node"], tmp_path,
-                    {**env, "PYTHONPATH": str(REPO)})
+    refused = spawn(
+        "pacsai-node-ro", [sys.executable, "-m", "worker.cli", "node"], tmp_path, {**env, "PYTHONPATH": str(REPO)}
+    )
     assert refused.popen.wait(timeout=60) == 1
-    assert (f"pacsai: spool directory {tmpfs_spool} cannot be used (Read-only file system); PACSAI_DATA_DIR must be "
-            "a writable directory") in refused.log()
+    assert (
+        f"pacsai: spool directory {tmpfs_spool} cannot be used (Read-only file system); PACSAI_DATA_DIR must be "
+        "a writable directory"
+    ) in refused.log()
     assert not port_open(port) and list(scratch.iterdir()) == []
 
     subprocess.run(["mount", "-o", "remount,rw", str(tmpfs_spool)], check=True)
@@ -719,14 +833,22 @@ def test_s5_read_only_spool_stops_the_node_and_a_spool_lost_later_answers_out_of
 
 # --- S4: durable before the success reply ----------------------------------------------------------------------------
 
+
 @pytest.mark.catalogue("S4")
 def test_s4_file_and_directory_are_synced_before_the_success_reply(tmp_path: Path, ct_series: Path) -> None:
     """Watch the node (in this process) with a profiler, not a mock: for each C-STORE, the spooled file is fsynced,
     renamed into place and its directory fsynced, and only then is the success reply sent; at that moment the file
     on disk is complete. A power cut after the reply finds the instance (what an fsync promises)."""
-    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path / "data"), "PACSAI_BIND_HOST": "127.0.0.1",
-                                  "PACSAI_PORT": str(free_port()), "PACSAI_LOG_KEY": LOG_KEY,
-                                  "PACSAI_PEERS": f"{PACS}@127.0.0.1:104", "PACSAI_SPOOL_RESERVE_MB": "1"})
+    settings = Settings.from_env(
+        {
+            "PACSAI_DATA_DIR": str(tmp_path / "data"),
+            "PACSAI_BIND_HOST": "127.0.0.1",
+            "PACSAI_PORT": str(free_port()),
+            "PACSAI_LOG_KEY": LOG_KEY,
+            "PACSAI_PEERS": f"{PACS}@127.0.0.1:104",
+            "PACSAI_SPOOL_RESERVE_MB": "1",
+        }
+    )
     root = new_root()
     files = copy_series(sorted(ct_series.iterdir())[:3], tmp_path / "series", root)
     events: list[tuple[str, str]] = []
@@ -740,7 +862,7 @@ def test_s4_file_and_directory_are_synced_before_the_success_reply(tmp_path: Pat
                 with lock:
                     events.append((f"{arg.__name__} in {code}", str(target)))
         elif event == "call" and frame.f_code.co_name == "send_msg" and "dimse" in frame.f_code.co_filename:
-            primitive = frame.f_locals.get("primitive")        # the SCP's C-STORE response (requests have no Status)
+            primitive = frame.f_locals.get("primitive")  # the SCP's C-STORE response (requests have no Status)
             if type(primitive).__name__ == "C_STORE" and getattr(primitive, "Status", None) is not None:
                 with lock:
                     events.append(("reply", f"0x{int(primitive.Status):04X}"))
@@ -748,19 +870,27 @@ def test_s4_file_and_directory_are_synced_before_the_success_reply(tmp_path: Pat
     node = start_node(settings)
     threading.setprofile(profile)
     try:
-        assert store(settings.port, files) == [0x0000] * 3
+        assert store(settings.node.port, files) == [0x0000] * 3
     finally:
         threading.setprofile(None)
         node.stop()
     spooled = sorted(p for p in (tmp_path / "data" / "spool").rglob("*.dcm"))
     assert len(spooled) == 3
-    per_instance = [events[i:i + 5] for i in range(0, len(events), 5)]
+    per_instance = [events[i : i + 5] for i in range(0, len(events), 5)]
     assert len(per_instance) == 3, events
-    for steps in per_instance:   # received file moved next to its place, synced, renamed into place, directory synced
-        assert [what for what, _ in steps] == ["replace in move_atomic", "fsync in move_atomic",
-                                               "replace in _placed", "fsync in _fsync_dir", "reply"], steps
+    for steps in per_instance:  # received file moved next to its place, synced, renamed into place, directory synced
+        assert [what for what, _ in steps] == [
+            "replace in move_atomic",
+            "fsync in move_atomic",
+            "replace in _placed",
+            "fsync in _fsync_dir",
+            "reply",
+        ], steps
         final, directory, code = Path(steps[2][1]), Path(steps[3][1]), steps[4][1]
         assert final in spooled and directory == final.parent and code == "0x0000"
-    for path, source in zip(sorted(spooled, key=lambda p: dcmread(p).InstanceNumber),
-                            sorted(files, key=lambda p: dcmread(p).InstanceNumber), strict=True):
+    for path, source in zip(
+        sorted(spooled, key=lambda p: dcmread(p).InstanceNumber),
+        sorted(files, key=lambda p: dcmread(p).InstanceNumber),
+        strict=True,
+    ):
         assert dcmread(path).PixelData == dcmread(source).PixelData

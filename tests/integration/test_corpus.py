@@ -35,9 +35,9 @@ def test_the_node_never_crashes_and_nothing_is_dropped(corpus: CorpusRun) -> Non
         if o.kind == "refused" and not o.sent.rejected:
             status = o.sent.status or 0
             assert 0xA700 <= status <= 0xA7FF or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xC0FF, o
-        if o.kind == "not sendable":   # only files no C-STORE can carry: no SOP class or instance UID at all
+        if o.kind == "not sendable":  # only files no C-STORE can carry: no SOP class or instance UID at all
             assert o.storescu_note and o.sent.note, o
-        if o.sent.sender == "storescu" and o.sent.status is not None:   # storescu's exit code agrees with the status
+        if o.sent.sender == "storescu" and o.sent.status is not None:  # storescu's exit code agrees with the status
             assert (o.storescu_exit == 0) == (o.kind == "accepted"), o
 
 
@@ -48,14 +48,17 @@ def test_empty_uids_are_refused_with_cannot_understand(corpus: CorpusRun) -> Non
         assert (o.sent.status, o.node_reason) == (0xC000, "StudyInstanceUID is not a valid UID"), o
 
 
-@pytest.mark.parametrize(("path", "status", "reason"), [
-    ("orthanc-tests/2026-05-06-Deeply-Nested-Sequence.dcm", 0xC000, "sequences nested too deep to decode"),
-    ("pydicom/test_files/MR_truncated.dcm", 0xC000, "PixelData is shorter than its declared length (truncated)"),
-    ("orthanc-tests/2026-05-26-oob-monochrome-65535.dcm", 0xA900, "PixelData is shorter than Rows x Columns"),
-    ("orthanc-tests/2020-09-12-ELSCINT1-PMSCT_RLE1.dcm", 0xA900, "PixelData missing from an image SOP class"),
-    ("orthanc-tests/Issue22-NoPixelData.dcm", 0xA900, "PixelData missing from an image SOP class"),
-    ("pydicom/test_files/badVR.dcm", 0xA900, "NumberOfFrames is not a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("path", "status", "reason"),
+    [
+        ("orthanc-tests/2026-05-06-Deeply-Nested-Sequence.dcm", 0xC000, "sequences nested too deep to decode"),
+        ("pydicom/test_files/MR_truncated.dcm", 0xC000, "PixelData is shorter than its declared length (truncated)"),
+        ("orthanc-tests/2026-05-26-oob-monochrome-65535.dcm", 0xA900, "PixelData is shorter than Rows x Columns"),
+        ("orthanc-tests/2020-09-12-ELSCINT1-PMSCT_RLE1.dcm", 0xA900, "PixelData missing from an image SOP class"),
+        ("orthanc-tests/Issue22-NoPixelData.dcm", 0xA900, "PixelData missing from an image SOP class"),
+        ("pydicom/test_files/badVR.dcm", 0xA900, "NumberOfFrames is not a positive integer"),
+    ],
+)
 def test_known_bad_files_are_refused_for_their_reason(corpus: CorpusRun, path: str, status: int, reason: str) -> None:
     found = outcome(corpus, path)
     assert found.sent.status == status and found.node_reason.startswith(reason), found
@@ -63,19 +66,31 @@ def test_known_bad_files_are_refused_for_their_reason(corpus: CorpusRun, path: s
 
 def test_the_deeply_nested_file_does_not_kill_the_node(corpus: CorpusRun) -> None:
     found = outcome(corpus, "orthanc-tests/2026-05-06-Deeply-Nested-Sequence.dcm")
-    assert found.sent.status == 0xC000   # dcmtk 3.6.7's storescu overflows its own stack on it: sent raw
+    assert found.sent.status == 0xC000  # dcmtk 3.6.7's storescu overflows its own stack on it: sent raw
     assert "orthanc-tests" not in corpus.crashes and corpus.node_errors == ()
 
 
 def test_retired_jpeg_syntaxes_are_refused_at_negotiation(corpus: CorpusRun) -> None:
-    for name in ("JPEGProcess6_8TransferSyntax_1.2.840.10008.1.2.4.53",
-                 "JPEGProcess10_12TransferSyntax_1.2.840.10008.1.2.4.55"):
+    for name in (
+        "JPEGProcess6_8TransferSyntax_1.2.840.10008.1.2.4.53",
+        "JPEGProcess10_12TransferSyntax_1.2.840.10008.1.2.4.55",
+    ):
         found = outcome(corpus, f"cornerstone3D-testImages/CTImage.dcm_{name}.dcm")
         assert found.kind == "refused" and found.sent.rejected == "Transfer Syntaxes Not Supported", found
 
 
-@pytest.mark.parametrize("folder", ["totalsegmentator-ct-abdomen", "dcm_qa_ct/GE_head_tilt", "nema-wg04", "dcm_qa_ts",
-                                    "dcm_qa_enh", "dcmqi", "highdicom"])
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "totalsegmentator-ct-abdomen",
+        "dcm_qa_ct/GE_head_tilt",
+        "nema-wg04",
+        "dcm_qa_ts",
+        "dcm_qa_enh",
+        "dcmqi",
+        "highdicom",
+    ],
+)
 def test_good_series_in_every_transfer_syntax_are_accepted(corpus: CorpusRun, folder: str) -> None:
     group = [o for o in corpus.outcomes if o.file.folder == folder]
     assert group and [o.file.path for o in group if o.kind != "accepted"] == []

@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from models.registry import load_model, load_spec
 from worker.infer import segment
-from worker.load import load_series
+from worker.load_volume import load_series
 from worker.volume import Volume
 
 SHARED = Path(os.environ.get("PACSAI_SHARED_DIR", Path(__file__).resolve().parents[2].parent / "shared"))
@@ -82,14 +82,16 @@ def test_labels_follow_geometry_not_storage_order(volume: Volume, labels: NDArra
     last = volume.array.shape[0] - 1
     a = volume.affine
     affine = np.stack([-a[:, 0], a[:, 2], a[:, 1], a @ np.array([last, 0.0, 0.0, 1.0])], axis=1)
-    reordered = Volume(array=np.ascontiguousarray(volume.array[::-1].transpose(0, 2, 1)), affine=affine,
-                       datasets=volume.datasets[::-1])
+    reordered = Volume(
+        array=np.ascontiguousarray(volume.array[::-1].transpose(0, 2, 1)), affine=affine, datasets=volume.datasets[::-1]
+    )
     model = load_model(load_spec("ct-organs-tiny"), "cpu")
     assert np.array_equal(segment(model, reordered), labels[::-1].transpose(0, 2, 1))
 
 
-def test_organs_are_found_where_the_reference_has_them(volume: Volume, labels: NDArray[np.uint8],
-                                                       reference: NDArray[np.uint8]) -> None:
+def test_organs_are_found_where_the_reference_has_them(
+    volume: Volume, labels: NDArray[np.uint8], reference: NDArray[np.uint8]
+) -> None:
     for name in ("liver", "spleen"):
         ours, total_id = ORGANS[name]
         centroids = []

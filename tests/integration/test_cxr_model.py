@@ -45,8 +45,7 @@ def test_evaluation_belongs_to_the_shipped_weights(committed: dict[str, Any]) ->
     assert (committed["test"]["images"], committed["test"]["normal"], committed["test"]["pneumonia"]) == (624, 234, 390)
 
 
-def test_shipped_weights_reproduce_the_committed_metrics(committed: dict[str, Any],
-                                                         recomputed: dict[str, Any]) -> None:
+def test_shipped_weights_reproduce_the_committed_metrics(committed: dict[str, Any], recomputed: dict[str, Any]) -> None:
     for split in ("test", "validation"):
         for name in METRICS:
             assert recomputed[split][name] == pytest.approx(committed[split][name], abs=1e-6), (split, name)
@@ -54,8 +53,10 @@ def test_shipped_weights_reproduce_the_committed_metrics(committed: dict[str, An
             assert recomputed[split][count] == committed[split][count], (split, count)
     assert recomputed["data"] == committed["data"]  # the same npz files
     test = recomputed["test"]
-    print(f"\ntest: AUC {test['auc']:.4f} accuracy {test['accuracy']:.4f} sensitivity {test['sensitivity']:.4f} "
-          f"specificity {test['specificity']:.4f} at threshold {recomputed['threshold']:.4f}")
+    print(
+        f"\ntest: AUC {test['auc']:.4f} accuracy {test['accuracy']:.4f} sensitivity {test['sensitivity']:.4f} "
+        f"specificity {test['specificity']:.4f} at threshold {recomputed['threshold']:.4f}"
+    )
 
 
 def test_targets_are_met(recomputed: dict[str, Any]) -> None:

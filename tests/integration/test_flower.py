@@ -16,13 +16,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_flower_lists_the_worker(tmp_path: Path, redis_url: str) -> None:
-    env = pacsai_env(tmp_path / "data", port=free_port(), peers="PACS@127.0.0.1:104", broker_url=redis_url,
-                     FLOWER_UNAUTHENTICATED_API="true")
+    env = pacsai_env(
+        tmp_path / "data",
+        port=free_port(),
+        peers="PACS@127.0.0.1:104",
+        broker_url=redis_url,
+        FLOWER_UNAUTHENTICATED_API="true",
+    )
     worker = start_pacsai("worker", tmp_path, env)
     flower_port = free_port()
-    flower = spawn("flower", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
-                              f"--port={flower_port}", "--address=127.0.0.1"], tmp_path,
-                   {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    flower = spawn(
+        "flower",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "pacsai.celery_app",
+            "flower",
+            f"--port={flower_port}",
+            "--address=127.0.0.1",
+        ],
+        tmp_path,
+        {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
     try:
         wait_until(lambda: port_open(flower_port), 60, "flower")
 

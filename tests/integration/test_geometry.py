@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from pydicom import Dataset, dcmread
 from pydicom.pixels.processing import apply_modality_lut
 
+from models.preprocess import preprocess, to_ras_image
 from models.registry import LoadedModel
 from models.spec import Code, Label, ModelSpec, Preprocessing, Task
 from tests.checks import dciodvfy_errors, read_strict, sr_volumes, to_bytes
@@ -32,15 +33,14 @@ from tests.conftest import need
 from tests.services import SHARED
 from worker import infer
 from worker.encode_seg import encode_seg
-from worker.load import load_series
+from worker.load_volume import load_series
 from worker.pipeline import process_series
 from worker.uids import output_uids
 
 pytestmark = pytest.mark.integration
 
 DICOM = SHARED / "dicom"
-REGION = Label(1, "above threshold", Code("123037004", "Anatomical Structure"), Code("69536005", "Head"),
-               (255, 64, 0))
+REGION = Label(1, "above threshold", Code("123037004", "Anatomical Structure"), Code("69536005", "Head"), (255, 64, 0))
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -60,10 +60,20 @@ class Case:
 
 
 CASES = {
-    "ge-tilted-ct": Case(tuple(sorted((DICOM / "dcm_qa_ct" / "GE_head_tilt").glob("*.dcm"))[:14]),
-                         window=(-1000.0, 1000.0), threshold=-300.0, spacing_mm=(1.5, 1.5, 1.5), slices=14),
-    "enhanced-mr": Case((DICOM / "dcm_qa_enh" / "Philips" / "IM_0027_fMAP.dcm",),
-                        window=(0.0, 2000.0), threshold=300.0, spacing_mm=(3.0, 3.0, 3.0), slices=32),
+    "ge-tilted-ct": Case(
+        tuple(sorted((DICOM / "dcm_qa_ct" / "GE_head_tilt").glob("*.dcm"))[:14]),
+        window=(-1000.0, 1000.0),
+        threshold=-300.0,
+        spacing_mm=(1.5, 1.5, 1.5),
+        slices=14,
+    ),
+    "enhanced-mr": Case(
+        (DICOM / "dcm_qa_enh" / "Philips" / "IM_0027_fMAP.dcm",),
+        window=(0.0, 2000.0),
+        threshold=300.0,
+        spacing_mm=(3.0, 3.0, 3.0),
+        slices=32,
+    ),
 }
 
 
@@ -95,20 +105,25 @@ def source_planes(files: tuple[Path, ...]) -> dict[tuple[str, int], SourcePlane]
         ds = dcmread(path)
         if "PerFrameFunctionalGroupsSequence" not in ds:
             planes[(str(ds.SOPInstanceUID), 0)] = SourcePlane(
-                np.asarray(ds.ImagePositionPatient, float), np.asarray(ds.ImageOrientationPatient, float),
-                np.asarray(ds.PixelSpacing, float), np.asarray(apply_modality_lut(ds.pixel_array, ds), float),
-                tuple(ds.ImageType))
+                np.asarray(ds.ImagePositionPatient, float),
+                np.asarray(ds.ImageOrientationPatient, float),
+                np.asarray(ds.PixelSpacing, float),
+                np.asarray(apply_modality_lut(ds.pixel_array, ds), float),
+                tuple(ds.ImageType),
+            )
             continue
         shared = ds.SharedFunctionalGroupsSequence[0]
-        for number, (groups, stored) in enumerate(zip(ds.PerFrameFunctionalGroupsSequence, ds.pixel_array,
-                                                      strict=True), start=1):
+        for number, (groups, stored) in enumerate(
+            zip(ds.PerFrameFunctionalGroupsSequence, ds.pixel_array, strict=True), start=1
+        ):
             rescale = group_item(groups, shared, "PixelValueTransformationSequence")
             planes[(str(ds.SOPInstanceUID), number)] = SourcePlane(
                 np.asarray(group_item(groups, shared, "PlanePositionSequence").ImagePositionPatient, float),
                 np.asarray(group_item(groups, shared, "PlaneOrientationSequence").ImageOrientationPatient, float),
                 np.asarray(group_item(groups, shared, "PixelMeasuresSequence").PixelSpacing, float),
                 stored * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept),
-                tuple(group_item(groups, shared, "MRImageFrameTypeSequence").FrameType))
+                tuple(group_item(groups, shared, "MRImageFrameTypeSequence").FrameType),
+            )
     return planes
 
 
@@ -121,9 +136,18 @@ def group_item(groups: Dataset, shared: Dataset, keyword: str) -> Dataset:
 def stand_in(case: Case) -> LoadedModel:
     """Channel 0 is the scaled threshold, channel 1 the scaled value: argmax is 1 where the value is above it."""
     low, high = case.window
-    spec = ModelSpec(name="threshold-stand-in", version="1", task=Task.SEGMENTATION, modalities=("CT", "MR"),
-                     network="conv1x1", network_args={}, weights=Path("none"), weights_sha256="", labels=(REGION,),
-                     preprocessing=Preprocessing(case.spacing_mm, low, high, (64, 64, 64)))
+    spec = ModelSpec(
+        name="threshold-stand-in",
+        version="1",
+        task=Task.SEGMENTATION,
+        modalities=("CT", "MR"),
+        network="conv1x1",
+        network_args={},
+        weights=Path("none"),
+        weights_sha256="",
+        labels=(REGION,),
+        preprocessing=Preprocessing(case.spacing_mm, low, high, (64, 64, 64)),
+    )
     network = torch.nn.Conv3d(1, 2, kernel_size=1)
     assert network.bias is not None
     with torch.no_grad():
@@ -158,7 +182,7 @@ def referenced_plane(groups: Dataset) -> tuple[str, int]:
     return str(source.ReferencedSOPInstanceUID), int(source.get("ReferencedFrameNumber", 0) or 0)
 
 
-@pytest.mark.catalogue("W8")   # a viewer overlays a SEG frame where its plane position and reference say
+@pytest.mark.catalogue("W8")  # a viewer overlays a SEG frame where its plane position and reference say
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_seg_frame_sits_on_the_source_frame_it_references(runs: dict[str, Run], name: str) -> None:
     """Position, orientation and pixel spacing of each SEG frame equal its source's; one frame per source slice."""
@@ -170,8 +194,9 @@ def test_every_seg_frame_sits_on_the_source_frame_it_references(runs: dict[str, 
     for groups in run.seg.PerFrameFunctionalGroupsSequence:
         key = referenced_plane(groups)
         source = run.sources[key]
-        assert np.allclose(np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, float), source.position,
-                           rtol=0, atol=1e-4)
+        assert np.allclose(
+            np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, float), source.position, rtol=0, atol=1e-4
+        )
         assert np.allclose(orientation, source.orientation, rtol=0, atol=1e-6)
         assert np.allclose(spacing, source.pixel_spacing, rtol=0, atol=1e-6)
         referenced.append(key)
@@ -196,17 +221,19 @@ def test_the_enhanced_seg_references_the_magnitude_stack_only(runs: dict[str, Ru
     assert sorted(number for _, number in referenced) == list(range(1, 33))
 
 
-@pytest.mark.catalogue("W8")   # a viewer overlays a SEG frame where its plane position and reference say
+@pytest.mark.catalogue("W8")  # a viewer overlays a SEG frame where its plane position and reference say
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_seg_pixels_agree_with_thresholding_the_source_frames(runs: dict[str, Run], name: str) -> None:
     """Resampled to the model grid and back, the labels still match the source's own values (≥ 95 % of pixels)."""
     run = runs[name]
     threshold = run.case.threshold
     frames = run.seg.pixel_array.reshape(-1, run.seg.Rows, run.seg.Columns).astype(bool)
-    agreement = [np.mean(frame == (run.sources[referenced_plane(groups)].values > threshold))
-                 for frame, groups in zip(frames, run.seg.PerFrameFunctionalGroupsSequence, strict=True)]
+    agreement = [
+        np.mean(frame == (run.sources[referenced_plane(groups)].values > threshold))
+        for frame, groups in zip(frames, run.seg.PerFrameFunctionalGroupsSequence, strict=True)
+    ]
     assert float(np.mean(agreement)) > 0.97 and min(agreement) > 0.95, agreement
-    assert 0.2 < float(np.mean(frames)) < 0.8   # a real region, neither empty nor everything
+    assert 0.2 < float(np.mean(frames)) < 0.8  # a real region, neither empty nor everything
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -216,7 +243,7 @@ def test_seg_passes_dciodvfy_and_reads_back_in_highdicom(runs: dict[str, Run], n
     assert dciodvfy_errors(run.path) == []
     seg = hd.seg.segread(run.path)
     assert seg.SegmentationType == "BINARY" and seg.number_of_segments == 1
-    if run.case.multiframe:   # highdicom finds each frame's pixels by the source frame number
+    if run.case.multiframe:  # highdicom finds each frame's pixels by the source frame number
         (uid,) = {uid for uid, _ in run.sources}
         pixels = seg.get_pixels_by_source_frame(uid, source_frame_numbers=list(range(1, 33)))
         assert pixels.shape == (32, run.seg.Rows, run.seg.Columns, 1)
@@ -232,7 +259,7 @@ def test_the_model_grid_holds_the_source_value_at_each_patient_position(runs: di
     run = runs[name]
     case = run.case
     volume = load_series(case.files)
-    grid = infer.preprocess(infer.to_ras_image(volume.array, volume.affine), stand_in(case).spec.preprocessing)
+    grid = preprocess(to_ras_image(volume.array, volume.affine), stand_in(case).spec.preprocessing)
     values = grid.as_tensor()[0].numpy()
     index = np.stack([np.random.default_rng(0).integers(0, n, 20000) for n in values.shape], axis=1)
     world = (RAS_TO_LPS @ grid.affine.numpy() @ np.c_[index, np.ones(len(index))].T).T[:, :3]
@@ -257,7 +284,8 @@ def test_the_model_grid_holds_the_source_value_at_each_patient_position(runs: di
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_whole_pipeline_gives_valid_seg_and_sr_with_the_source_slab_volume(
-        runs: dict[str, Run], name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runs: dict[str, Run], name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """process_series: SEG + SR, both dciodvfy-clean; the SR's volume is the SEG's voxel count times pixel area
     times the spacing between source planes along their normal (4.0 mm for GE's 4.22 mm table steps). Asked for SC
     overlays, an enhanced multi-frame source gets none, and the log says so."""

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from models.registry import load_model, load_spec
+from pacsai.errors import StudyRejected
 from tests.checks import check_seg_and_sr
-from tests.services import REPO
-from worker.errors import StudyRejected
+from tests.services import run_cli
 from worker.pipeline import estimate_bytes, process_series
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def pacsai(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env={"PACSAI_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin",
-                                                      "PYTHONPATH": str(REPO), **env})
+    return run_cli(*args, env={"PACSAI_DATA_DIR": str(tmp_path / "data"), **env}, timeout_s=300)
 
 
 def test_models_check_runs_the_model_once(tmp_path: Path) -> None:
@@ -36,7 +33,7 @@ def test_models_run_on_a_folder_writes_seg_and_sr(tmp_path: Path, ct_series: Pat
     run = pacsai("models", "run", "ct-organs-tiny", str(ct_series), "--out", str(tmp_path / "out"), tmp_path=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "series 1: SEG, SR" in run.stdout
-    assert "20/20" not in run.stderr and "1/1" in run.stderr            # progress bar counts series
+    assert "20/20" not in run.stderr and "1/1" in run.stderr  # progress bar counts series
     seg, sr = tmp_path / "out" / "1" / "seg.dcm", tmp_path / "out" / "1" / "sr.dcm"
     check_seg_and_sr(seg, sr, ct_series)
     assert dcmread(seg).SeriesDescription.startswith("AI ct-organs-tiny")

@@ -20,16 +20,16 @@ import torch
 from pydicom.dataset import Dataset
 
 from models.registry import LoadedModel, load_model, load_spec
+from pacsai.errors import ModelError
+from pacsai.jobs import JobState
+from pacsai.state import State
 from tests.checks import VOLUME_CODE, dciodvfy_errors, read_strict, to_bytes
 from tests.conftest import need
 from tests.services import REPO, free_port, pacsai_env, start_pacsai, start_storescp, supervised, wait_until
-from worker.errors import ModelError
-from worker.jobs import JobState
 from worker.pipeline import process_series
-from worker.state import State
 
 pytestmark = pytest.mark.integration
-CHANNELS = 6          # ct-organs-tiny: background and five organs
+CHANNELS = 6  # ct-organs-tiny: background and five organs
 
 
 class RunsOutOfMemory(torch.nn.Module):
@@ -100,7 +100,8 @@ def ct_model() -> LoadedModel:
 
 
 def with_network(model: LoadedModel, module: torch.nn.Module) -> LoadedModel:
-    return dataclasses.replace(model, module=module.eval())
+    """The model with a stand-in network; without its OOD check, whose feature layer the stand-in does not have."""
+    return dataclasses.replace(model, module=module.eval(), spec=dataclasses.replace(model.spec, ood=None))
 
 
 @pytest.mark.catalogue("W2")
@@ -108,8 +109,8 @@ def test_out_of_memory_retries_once_with_a_smaller_window_batch(ct_files: list[P
     """W2: one OOM frees memory and runs the whole sliding window again with half the batch; results follow."""
     network = RunsOutOfMemory(failures=1)
     datasets = process_series(ct_files, with_network(ct_model, network))
-    assert network.batch_sizes[0] == 4                           # the spec's sw_batch_size, which ran out
-    assert max(network.batch_sizes[1:]) == 2 and len(network.batch_sizes) > 2   # a whole pass again, halved
+    assert network.batch_sizes[0] == 4  # the spec's sw_batch_size, which ran out
+    assert max(network.batch_sizes[1:]) == 2 and len(network.batch_sizes) > 2  # a whole pass again, halved
     assert [str(ds.Modality) for ds in datasets][-1] == "SR"
     for ds in datasets:
         read_strict(to_bytes(ds))
@@ -117,14 +118,15 @@ def test_out_of_memory_retries_once_with_a_smaller_window_batch(ct_files: list[P
 
 @pytest.mark.catalogue("W2")
 def test_out_of_memory_twice_fails_the_job_with_a_reason_and_the_model_still_works(
-        ct_files: list[Path], ct_model: LoadedModel) -> None:
+    ct_files: list[Path], ct_model: LoadedModel
+) -> None:
     """W2: a second OOM is a ModelError (not retryable: the job fails, not retried forever); the next job runs."""
     network = RunsOutOfMemory(failures=2)
     with pytest.raises(ModelError, match=r"ran out of memory on cpu again with sw_batch_size 2; not retried") as err:
         process_series(ct_files, with_network(ct_model, network))
     assert not err.value.retryable
     assert network.batch_sizes == [4, 2]
-    datasets = process_series(ct_files, with_network(ct_model, network))    # same process, same module: healthy
+    datasets = process_series(ct_files, with_network(ct_model, network))  # same process, same module: healthy
     assert [str(ds.Modality) for ds in datasets][-1] == "SR"
 
 
@@ -136,16 +138,21 @@ def test_nan_scores_fail_the_job_instead_of_becoming_labels(ct_files: list[Path]
 
 
 @pytest.mark.catalogue("W7")
-def test_an_empty_mask_gives_no_seg_and_an_sr_that_finds_nothing(ct_files: list[Path], ct_model: LoadedModel,
-                                                                 tmp_path: Path) -> None:
+def test_an_empty_mask_gives_no_seg_and_an_sr_that_finds_nothing(
+    ct_files: list[Path], ct_model: LoadedModel, tmp_path: Path
+) -> None:
     """W7: nothing found ⇒ no SEG at all (never an empty one), and a valid SR with 0 mL for every organ."""
     datasets = process_series(ct_files, with_network(ct_model, FindsNothing()))
     assert [str(ds.Modality) for ds in datasets] == ["SR"]
     sr = read_strict(to_bytes(datasets[0]))
-    volumes = [float(item.MeasuredValueSequence[0].NumericValue) for item in _content(sr)
-               if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == VOLUME_CODE]
+    volumes = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _content(sr)
+        if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == VOLUME_CODE
+    ]
     assert volumes == [0.0] * (CHANNELS - 1)
-    assert not any("ReferencedSOPSequence" in item for item in _content(sr))       # refers to no segment
+    segment_refs = [ref for item in _content(sr) for ref in item.get("ReferencedSOPSequence", [])]
+    assert not any("ReferencedSegmentNumber" in ref for ref in segment_refs)  # refers to no segment (only images)
     need("dciodvfy")
     (tmp_path / "sr.dcm").write_bytes(to_bytes(datasets[0]))
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []
@@ -160,11 +167,20 @@ def _content(ds: Dataset) -> Iterator[Dataset]:
 # --- W3 and W6 in real worker processes ----------------------------------------------------------------------------
 
 BUNDLE_META = {
-    "name": "stand-in", "version": "0.1.0", "task": "segmentation",
+    "name": "stand-in",
+    "version": "0.1.0",
+    "task": "segmentation",
     "network_data_format": {
         "inputs": {"image": {"type": "image", "num_channels": 1, "spatial_shape": [64, 64, 16]}},
-        "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 2,
-                             "channel_def": {"0": "background", "1": "spleen"}}}},
+        "outputs": {
+            "pred": {
+                "type": "image",
+                "format": "segmentation",
+                "num_channels": 2,
+                "channel_def": {"0": "background", "1": "spleen"},
+            }
+        },
+    },
 }
 BUNDLE_SPEC = """\
 name: stand-in
@@ -197,14 +213,27 @@ def stand_in_bundle(models_dir: Path, network: type[torch.nn.Module]) -> Path:
     inference = {
         "image_key": "image",
         "network_def": {"_target_": f"{__name__}.{network.__name__}"},
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "@image_key"},
-            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
-            {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": -57, "a_max": 164, "b_min": 0,
-             "b_max": 1, "clip": True}]},
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "@image_key"},
+                {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "@image_key",
+                    "a_min": -57,
+                    "a_max": 164,
+                    "b_min": 0,
+                    "b_max": 1,
+                    "clip": True,
+                },
+            ],
+        },
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [512, 512, 32], "sw_batch_size": 1},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]},
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}],
+        },
     }
     (folder / "configs" / "metadata.json").write_text(json.dumps(BUNDLE_META))
     (folder / "configs" / "inference.json").write_text(json.dumps(inference))
@@ -246,8 +275,14 @@ def gpu_failure_run(tmp_path_factory: pytest.TempPathFactory, ct_series: Path) -
     storescp, pacs_port, inbox = start_storescp(tmp / "pacs", ae_title="PACS")
     (tmp / "routes.yaml").write_text(ROUTES)
     port, data = free_port(), tmp / "data"
-    env = pacsai_env(data, port=port, peers=f"PACS@127.0.0.1:{pacs_port}", PACSAI_QUIET_PERIOD_S="1",
-                     PACSAI_ROUTES_FILE=str(tmp / "routes.yaml"), PACSAI_RETRY_DELAY_S="1")
+    env = pacsai_env(
+        data,
+        port=port,
+        peers=f"PACS@127.0.0.1:{pacs_port}",
+        PACSAI_QUIET_PERIOD_S="1",
+        PACSAI_ROUTES_FILE=str(tmp / "routes.yaml"),
+        PACSAI_RETRY_DELAY_S="1",
+    )
     broken_env = {**env, "PACSAI_MODELS_DIR": str(stand_in_bundle(tmp / "models-a", DeviceLost))}
     healthy_env = {**env, "PACSAI_MODELS_DIR": str(stand_in_bundle(tmp / "models-b", Bright))}
     with supervised(storescp) as processes:
@@ -258,20 +293,25 @@ def gpu_failure_run(tmp_path_factory: pytest.TempPathFactory, ct_series: Path) -
         subprocess.run(storescu, check=True, timeout=60, capture_output=True)
         state = State(data / "pacsai.db")
         wait_until(lambda: state.jobs_in(JobState.RUNNING), 120, "worker A to take the job", 0.2)
-        healthy = start_pacsai("worker", tmp / "b", healthy_env)     # only now: A holds the job
+        healthy = start_pacsai("worker", tmp / "b", healthy_env)  # only now: A holds the job
         processes.append(healthy)
-        exit_code = broken.popen.wait(timeout=120)                  # A stops by itself
+        exit_code = broken.popen.wait(timeout=120)  # A stops by itself
         (row,) = state.jobs_in(*JobState)
         stopped_state = row.state.value
         wait_until(lambda: state.jobs_in(JobState.DELIVERED), 180, "worker B to deliver the job", 0.5)
         (row,) = state.jobs_in(*JobState)
         children = _pool_children(healthy.popen.pid)
         run = GpuFailureRun(
-            broken_exit_code=exit_code, broken_log=broken.log(), state_when_broken_stopped=stopped_state,
-            final_state=row.state.value, attempts=row.attempts,
+            broken_exit_code=exit_code,
+            broken_log=broken.log(),
+            state_when_broken_stopped=stopped_state,
+            final_state=row.state.value,
+            attempts=row.attempts,
             delivered=sorted(path.name.split(".")[0] for path in inbox.iterdir()),
-            parent_maps_torch=_maps_torch(healthy.popen.pid), child_maps_torch=[_maps_torch(c) for c in children],
-            healthy_log=healthy.log())
+            parent_maps_torch=_maps_torch(healthy.popen.pid),
+            child_maps_torch=[_maps_torch(c) for c in children],
+            healthy_log=healthy.log(),
+        )
         state.close()
         return run
 
@@ -284,9 +324,9 @@ def test_a_worker_whose_gpu_fails_hands_the_job_back_and_stops(gpu_failure_run: 
     run = gpu_failure_run
     assert "worker unhealthy: the worker's accelerator failed (AcceleratorError)" in run.broken_log
     assert "Warm shutdown" in run.broken_log and run.broken_exit_code is not None
-    assert run.state_when_broken_stopped in ("queued", "running", "encoded", "delivered")   # never failed or dead
+    assert run.state_when_broken_stopped in ("queued", "running", "encoded", "delivered")  # never failed or dead
     assert run.final_state == "delivered" and run.attempts == 2
-    assert run.delivered                       # results of worker B's network at the PACS
+    assert run.delivered  # results of worker B's network at the PACS
     assert "job failed" not in run.broken_log and "job dead" not in run.broken_log
 
 
@@ -307,9 +347,13 @@ def test_a_worker_whose_parent_initialised_cuda_refuses_to_start(tmp_path: Path)
     """W6 on a GPU host: CUDA initialised in the process that becomes the Celery parent stops the worker (exit 3)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    code = "import sys, torch; torch.cuda.init(); from dicom_node.cli import main; sys.exit(main(['worker']))"
-    env = {"PACSAI_DATA_DIR": str(tmp_path / "data"), "PACSAI_WORKER_MODELS": "ct-organs-tiny",
-           "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    code = "import sys, torch; torch.cuda.init(); from worker.cli import main; sys.exit(main(['worker']))"
+    env = {
+        "PACSAI_DATA_DIR": str(tmp_path / "data"),
+        "PACSAI_WORKER_MODELS": "ct-organs-tiny",
+        "PYTHONPATH": str(REPO),
+        "PATH": "/usr/bin:/bin",
+    }
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 3
     assert "not starting: CUDA is initialised in the worker's parent process" in run.stderr

@@ -27,10 +27,15 @@ def test_worker_refuses_to_start_with_bad_weights(damage: str, tmp_path: Path) -
         data[len(data) // 2] ^= 0xFF
         weights.write_bytes(bytes(data))
     queue = tmp_path / "data" / "queue" / "messages"
-    env = {"PACSAI_DATA_DIR": str(tmp_path / "data"), "PACSAI_MODELS_DIR": str(models), "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "dicom_node.cli", "worker"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = {
+        "PACSAI_DATA_DIR": str(tmp_path / "data"),
+        "PACSAI_MODELS_DIR": str(models),
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 2
     assert "not starting: model ct-organs-tiny" in run.stderr
     assert ("missing" if damage == "missing" else "checksum mismatch") in run.stderr

@@ -14,14 +14,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from models.preprocess import probabilities
 from models.registry import LoadedModel, load_model, load_spec
 from models.spec import ModelSpec, ProjectionPreprocessing, SpecError, Task
+from pacsai.errors import StudyRejected
 from tests.checks import dciodvfy_errors, read_strict, to_bytes
 from tests.conftest import need
-from worker.classify import Classification, classify, probabilities
+from worker.classify import Classification, classify
 from worker.encode_sc import BANNER, MAX_SIDE_PX, blend, caption_for, encode_heatmap_sc, heatmap_uids
 from worker.encode_sr import encode_classification_sr
-from worker.errors import StudyRejected
 from worker.load_image import ImageNotLoadable, ProjectionImage, display_grey, load_image, prepare_image
 from worker.uids import output_uids
 
@@ -70,14 +71,18 @@ def uids(rg1: Dataset, model: LoadedModel) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sr_bytes(rg1_image: ProjectionImage, result: Classification, model: LoadedModel, uids: dict[str, str]) -> bytes:
-    return to_bytes(encode_classification_sr(rg1_image.header, result, model.spec, uids,
-                                              software_version=SOFTWARE_VERSION))
+    return to_bytes(
+        encode_classification_sr(rg1_image.header, result, model.spec, uids, software_version=SOFTWARE_VERSION)
+    )
 
 
 @pytest.fixture(scope="module")
 def sc_bytes(rg1: Dataset, result: Classification, model: LoadedModel, uids: dict[str, str]) -> bytes:
-    return to_bytes(encode_heatmap_sc(rg1, result.heatmap, model.spec, uids, software_version=SOFTWARE_VERSION,
-                                       caption=caption_for(result)))
+    return to_bytes(
+        encode_heatmap_sc(
+            rg1, result.heatmap, model.spec, uids, software_version=SOFTWARE_VERSION, caption=caption_for(result)
+        )
+    )
 
 
 def test_shipped_spec_is_a_classifier(model: LoadedModel) -> None:
@@ -98,13 +103,18 @@ def _classifier_yaml(folder: Path, **changes: object) -> None:
     (folder / "spec.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"classification": None}, "classification"),
-    ({"classification": {"finding": {"value": "1", "meaning": "x"}, "threshold": 1.5, "cam_layer": "layer4"}},
-     "threshold"),
-    ({"preprocessing": {"input_size": [28]}}, "input_size"),
-    ({"preprocessing": {"input_size": [28, 28], "resample": "lanczos"}}, "lanczos"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classification": None}, "classification"),
+        (
+            {"classification": {"finding": {"value": "1", "meaning": "x"}, "threshold": 1.5, "cam_layer": "layer4"}},
+            "threshold",
+        ),
+        ({"preprocessing": {"input_size": [28]}}, "input_size"),
+        ({"preprocessing": {"input_size": [28, 28], "resample": "lanczos"}}, "lanczos"),
+    ],
+)
 def test_broken_classification_spec_names_the_field(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     _classifier_yaml(tmp_path / "broken", **changes)
     with pytest.raises(SpecError, match=message):
@@ -148,25 +158,35 @@ def _voi_lut(descriptor: list[int], data: list[int]) -> list[Dataset]:
     return [item]
 
 
-@pytest.mark.parametrize(("attributes", "expected"), [
-    ({}, {0: 0, 512: 128, 1023: 255}),  # no VOI: the values' own min..max
-    ({"PhotometricInterpretation": "MONOCHROME1"}, {0: 255, 1023: 0}),
-    ({"WindowCenter": 512, "WindowWidth": 256}, {383: 0, 384: 0, 512: 128, 639: 255, 1023: 255}),
-    ({"WindowCenter": [512, 100], "WindowWidth": [256, 50], "VOILUTFunction": "LINEAR_EXACT"},
-     {384: 0, 512: 128, 640: 255}),  # the first of several windows
-    ({"WindowCenter": 512, "WindowWidth": 256, "VOILUTFunction": "SIGMOID"}, {0: 0, 512: 128, 1023: 255}),
-    ({"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 24, "WindowWidth": 512},
-     {384: 0, 512: 128, 640: 255}),  # the window is in modality units
-    ({"VOILUTSequence": _voi_lut([256, 0, 8], list(range(255, -1, -1))), "WindowCenter": 1, "WindowWidth": 1},
-     {0: 255, 100: 155, 255: 0, 300: 0}),  # a LUT wins over a window; values past its end take its last entry
-])
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        ({}, {0: 0, 512: 128, 1023: 255}),  # no VOI: the values' own min..max
+        ({"PhotometricInterpretation": "MONOCHROME1"}, {0: 255, 1023: 0}),
+        ({"WindowCenter": 512, "WindowWidth": 256}, {383: 0, 384: 0, 512: 128, 639: 255, 1023: 255}),
+        (
+            {"WindowCenter": [512, 100], "WindowWidth": [256, 50], "VOILUTFunction": "LINEAR_EXACT"},
+            {384: 0, 512: 128, 640: 255},
+        ),  # the first of several windows
+        ({"WindowCenter": 512, "WindowWidth": 256, "VOILUTFunction": "SIGMOID"}, {0: 0, 512: 128, 1023: 255}),
+        (
+            {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 24, "WindowWidth": 512},
+            {384: 0, 512: 128, 640: 255},
+        ),  # the window is in modality units
+        (
+            {"VOILUTSequence": _voi_lut([256, 0, 8], list(range(255, -1, -1))), "WindowCenter": 1, "WindowWidth": 1},
+            {0: 255, 100: 155, 255: 0, 300: 0},
+        ),  # a LUT wins over a window; values past its end take its last entry
+    ],
+)
 def test_voi_on_synthetic_images(attributes: dict[str, object], expected: dict[int, int]) -> None:
     grey = display_grey(_ramp(**attributes)).ravel()
     assert {value: int(grey[value]) for value in expected} == expected
 
 
-def test_lossy_copy_prepares_to_nearly_the_same_input(shared: Path, rg1_image: ProjectionImage,
-                                                      pre: ProjectionPreprocessing) -> None:
+def test_lossy_copy_prepares_to_nearly_the_same_input(
+    shared: Path, rg1_image: ProjectionImage, pre: ProjectionPreprocessing
+) -> None:
     j2k = load_image(shared / RG1_J2K, pre)
     difference = np.abs(j2k.network_grey.astype(int) - rg1_image.network_grey.astype(int))
     assert difference.max() <= 2
@@ -180,9 +200,11 @@ def test_monochrome1_is_inverted(shared: Path) -> None:
     grey = display_grey(ds).astype(int)
     rows, columns = grey.shape
     band = slice(rows * 3 // 10, rows * 6 // 10)
-    lungs = np.r_[grey[band, columns * 25 // 100:columns * 35 // 100].ravel(),
-                  grey[band, columns * 65 // 100:columns * 75 // 100].ravel()]
-    mediastinum = grey[band, columns * 47 // 100:columns * 53 // 100]
+    lungs = np.r_[
+        grey[band, columns * 25 // 100 : columns * 35 // 100].ravel(),
+        grey[band, columns * 65 // 100 : columns * 75 // 100].ravel(),
+    ]
+    mediastinum = grey[band, columns * 47 // 100 : columns * 53 // 100]
     assert mediastinum.mean() > lungs.mean() + 40
     ds.PhotometricInterpretation = "MONOCHROME2"
     np.testing.assert_array_equal(display_grey(ds).astype(int), 255 - grey)
@@ -211,8 +233,9 @@ def test_not_loadable_images_are_rejected(shared: Path, tmp_path: Path, pre: Pro
         load_image(tmp_path / "junk.dcm", pre)
 
 
-def test_classification_has_a_heatmap_on_the_source_grid(result: Classification, rg1_image: ProjectionImage,
-                                                          model: LoadedModel) -> None:
+def test_classification_has_a_heatmap_on_the_source_grid(
+    result: Classification, rg1_image: ProjectionImage, model: LoadedModel
+) -> None:
     assert model.spec.classification is not None
     assert 0.0 <= result.probability <= 1.0
     assert result.threshold == model.spec.classification.threshold
@@ -222,19 +245,21 @@ def test_classification_has_a_heatmap_on_the_source_grid(result: Classification,
     assert heatmap.shape == (1955, 1841) and heatmap.dtype == np.float32
     assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
     top, _, side = rg1_image.square
-    assert not heatmap[:top].any() and not heatmap[top + side:].any()  # outside the square the model saw
-    assert heatmap[top:top + side].max() > 0.5
+    assert not heatmap[:top].any() and not heatmap[top + side :].any()  # outside the square the model saw
+    assert heatmap[top : top + side].max() > 0.5
 
 
-def test_classify_agrees_with_the_batch_path(result: Classification, rg1_image: ProjectionImage,
-                                             model: LoadedModel) -> None:
+def test_classify_agrees_with_the_batch_path(
+    result: Classification, rg1_image: ProjectionImage, model: LoadedModel
+) -> None:
     """The evaluation scores through probabilities(); one image through classify() gets the same number."""
     batch = probabilities(model, rg1_image.network_grey[None])
     assert result.probability == pytest.approx(float(batch[0]), abs=1e-6)
 
 
-def test_sr_reports_finding_probability_and_threshold(sr_bytes: bytes, result: Classification, rg1: Dataset,
-                                                      uids: dict[str, str]) -> None:
+def test_sr_reports_finding_probability_and_threshold(
+    sr_bytes: bytes, result: Classification, rg1: Dataset, uids: dict[str, str]
+) -> None:
     ds = read_strict(sr_bytes)
     assert (ds.SOPClassUID, ds.Modality) == (Comprehensive3DSRStorage, "SR")
     assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == (uids["sr_series"], uids["sr_instance"])
@@ -248,16 +273,18 @@ def test_sr_reports_finding_probability_and_threshold(sr_bytes: bytes, result: C
     assert group.finding_type is not None and group.finding_type.value == "233604007"
     (evaluation,) = group.get_qualitative_evaluations()
     assert evaluation.name.value == "233604007"
-    assert evaluation.value.value == ("52101004" if result.present else "272519000")  # SCT Present / Absent
-    values = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
-    assert values == {"122157": (pytest.approx(result.probability, abs=1e-9), "1"),
-                      "122411": (pytest.approx(result.threshold, abs=1e-9), "1")}
+    present = "52101004" if result.present else "272519000"  # SCT Present / Absent
+    assert evaluation.value.value == present  # type: ignore[union-attr]
+    values: dict[str, object] = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
+    assert values == {
+        "122157": (pytest.approx(result.probability, abs=1e-9), "1"),
+        "122411": (pytest.approx(result.threshold, abs=1e-9), "1"),
+    }
     (source,) = group.source_images
     assert source.referenced_sop_instance_uid == rg1.SOPInstanceUID
 
 
-def test_sc_is_an_rgb_picture_in_a_new_series_of_the_study(sc_bytes: bytes, rg1: Dataset,
-                                                            uids: dict[str, str]) -> None:
+def test_sc_is_an_rgb_picture_in_a_new_series_of_the_study(sc_bytes: bytes, rg1: Dataset, uids: dict[str, str]) -> None:
     ds = read_strict(sc_bytes)
     assert (ds.SOPClassUID, ds.Modality) == (SecondaryCaptureImageStorage, "OT")
     assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == (uids["sc_series"], uids["sc_instance"])
@@ -283,12 +310,14 @@ def test_blend_leaves_grey_where_there_is_no_heat() -> None:
     assert tuple(rgb[0, 0]) == (128, 0, 0)  # half red over black
 
 
-def test_outputs_are_deterministic(rg1_image: ProjectionImage, result: Classification, model: LoadedModel,
-                                   uids: dict[str, str], sr_bytes: bytes) -> None:
+def test_outputs_are_deterministic(
+    rg1_image: ProjectionImage, result: Classification, model: LoadedModel, uids: dict[str, str], sr_bytes: bytes
+) -> None:
     again = encode_classification_sr(rg1_image.header, result, model.spec, uids, software_version=SOFTWARE_VERSION)
     assert again.SOPInstanceUID == read_strict(sr_bytes).SOPInstanceUID
     assert uids == output_uids(str(rg1_image.header.SeriesInstanceUID), "cxr-pneumonia", "0.1.0") | heatmap_uids(
-        str(rg1_image.header.SeriesInstanceUID), "cxr-pneumonia", "0.1.0")
+        str(rg1_image.header.SeriesInstanceUID), "cxr-pneumonia", "0.1.0"
+    )
 
 
 @pytest.mark.integration

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.receive import build_ae
-from worker.settings import Settings
+from pacsai.settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 

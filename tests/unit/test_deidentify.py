@@ -9,34 +9,82 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
+from pydicom.uid import UID
 
 from dicom_node import deidentify
 from dicom_node.assemble import Assembler
 from dicom_node.deidentify import IdentityMap, Pseudonyms
 from dicom_node.route import load_rules
-from dicom_node.spool import DEID_DIR, Spool
+from pacsai.jobs import JobState, SeriesJob
+from pacsai.settings import Settings
+from pacsai.state import JobRow, State
+from pacsai.storage import DEID_DIR, Spool
 from tests.checks import make_canary_series, read_strict, to_bytes
-from worker.jobs import JobState, SeriesJob
-from worker.settings import Settings
-from worker.state import JobRow, State
 
 pytestmark = pytest.mark.catalogue("A10")
 SECRET = b"s" * 32
-CANARY_ROOT = "1.2.826.0.1.3680043.10.1051.777"     # tests.checks.make_canary_series
+CANARY_ROOT = "1.2.826.0.1.3680043.10.1051.777"  # tests.checks.make_canary_series
 # identifying attributes of Table E.1-1 that these files carry, by keyword
-IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
-               "PatientWeight", "OtherPatientIDs", "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-               "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime",
-               "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-               "OperatorsName", "StationName", "DeviceSerialNumber", "StudyDescription", "SeriesDescription",
-               "ProtocolName", "RequestedProcedureID", "ImageComments", "InstanceCreationDate", "RequestingPhysician",
-               "PerformedProcedureStepID", "PerformedProcedureStepStartDate", "AdditionalPatientHistory")
-GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
-            "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "PhotometricInterpretation", "BitsStored")
-FILES = ["pydicom/test_files/CT_small.dcm", "pydicom/test_files/MR_small.dcm",
-         "pydicom/test_files/examples_overlay.dcm", "nema-wg04/J2KR/CT2_J2KR.dcm",
-         "dcm_qa_nih/GE_mr_0004/axial_epi_fmri_interleaved_i_to_s-00001.dcm", "dcm_qa_enh/Siemens/XA10/6_1.dcm",
-         "dcm_qa_enh/Philips/IM_0027_fMAP.dcm", "pydicom-data/RG1_UNCR.dcm"]
+IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "OtherPatientIDs",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "SeriesDate",
+    "SeriesTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ContentDate",
+    "ContentTime",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureID",
+    "ImageComments",
+    "InstanceCreationDate",
+    "RequestingPhysician",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepStartDate",
+    "AdditionalPatientHistory",
+)
+GEOMETRY = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+    "SpacingBetweenSlices",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PhotometricInterpretation",
+    "BitsStored",
+)
+FILES = [
+    "pydicom/test_files/CT_small.dcm",
+    "pydicom/test_files/MR_small.dcm",
+    "pydicom/test_files/examples_overlay.dcm",
+    "nema-wg04/J2KR/CT2_J2KR.dcm",
+    "dcm_qa_nih/GE_mr_0004/axial_epi_fmri_interleaved_i_to_s-00001.dcm",
+    "dcm_qa_enh/Siemens/XA10/6_1.dcm",
+    "dcm_qa_enh/Philips/IM_0027_fMAP.dcm",
+    "pydicom-data/RG1_UNCR.dcm",
+]
 
 
 def walk(ds: Dataset) -> Iterator[DataElement]:
@@ -65,7 +113,7 @@ def test_basic_profile_on_real_files(name: str, shared: Path) -> None:
     pseudonyms = Pseudonyms(SECRET)
     data = to_bytes(deidentify.deidentify(source, pseudonyms))
     copy = read_strict(data)
-    for keyword in IDENTIFYING:           # gone, or present without a value (Z: Type 2 attributes stay, empty)
+    for keyword in IDENTIFYING:  # gone, or present without a value (Z: Type 2 attributes stay, empty)
         assert not copy.get(keyword), keyword
     for keyword in ("PatientName", "PatientID"):
         value = str(original.get(keyword, ""))
@@ -97,9 +145,12 @@ def test_enhanced_multiframe_keeps_per_frame_geometry(shared: Path) -> None:
     original, copy = dcmread(path), deidentify.deidentify(dcmread(path), Pseudonyms(SECRET))
     frames = zip(original.PerFrameFunctionalGroupsSequence, copy.PerFrameFunctionalGroupsSequence, strict=True)
     for before, after in frames:
-        for group, keyword in (("PlanePositionSequence", "ImagePositionPatient"),
-                               ("PlaneOrientationSequence", "ImageOrientationPatient"),
-                               ("PixelMeasuresSequence", "PixelSpacing"), ("PixelMeasuresSequence", "SliceThickness")):
+        for group, keyword in (
+            ("PlanePositionSequence", "ImagePositionPatient"),
+            ("PlaneOrientationSequence", "ImageOrientationPatient"),
+            ("PixelMeasuresSequence", "PixelSpacing"),
+            ("PixelMeasuresSequence", "SliceThickness"),
+        ):
             assert after[group][0][keyword].value == before[group][0][keyword].value
 
 
@@ -107,8 +158,11 @@ def test_same_uid_same_pseudonym_within_a_job_only(ct_series: Path) -> None:
     first, second = (dcmread(p) for p in sorted(ct_series.iterdir())[:2])
     job = Pseudonyms(SECRET)
     a, b = (deidentify.deidentify(ds, job) for ds in (dcmread(p) for p in sorted(ct_series.iterdir())[:2]))
-    assert (a.StudyInstanceUID, a.SeriesInstanceUID, a.FrameOfReferenceUID) == \
-        (b.StudyInstanceUID, b.SeriesInstanceUID, b.FrameOfReferenceUID)
+    assert (a.StudyInstanceUID, a.SeriesInstanceUID, a.FrameOfReferenceUID) == (
+        b.StudyInstanceUID,
+        b.SeriesInstanceUID,
+        b.FrameOfReferenceUID,
+    )
     assert a.SOPInstanceUID != b.SOPInstanceUID
     assert job.originals[a.StudyInstanceUID] == first.StudyInstanceUID
     assert job.originals[b.SOPInstanceUID] == second.SOPInstanceUID
@@ -119,11 +173,14 @@ def test_same_uid_same_pseudonym_within_a_job_only(ct_series: Path) -> None:
     assert a.SOPInstanceUID.startswith("2.25.") and len(a.SOPInstanceUID) <= 64
 
 
-@pytest.mark.parametrize(("name", "reason"), [
-    ("cornerstone3D-testImages/US-YBR_FULL_422-EVRLE.dcm", "modality US"),
-    ("pydicom/charset_files/chrGerm.dcm", "modality OT"),
-    ("pydicom/test_files/SC_rgb_small_odd.dcm", "modality OT"),
-])
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("cornerstone3D-testImages/US-YBR_FULL_422-EVRLE.dcm", "modality US"),
+        ("pydicom/charset_files/chrGerm.dcm", "modality OT"),
+        ("pydicom/test_files/SC_rgb_small_odd.dcm", "modality OT"),
+    ],
+)
 def test_burned_in_modalities_are_flagged(name: str, reason: str, shared: Path) -> None:
     assert reason in deidentify.refusal_reason(dcmread(shared / "dicom" / name, stop_before_pixels=True))
 
@@ -139,8 +196,10 @@ def test_declared_burned_in_annotation_is_flagged(ct_series: Path) -> None:
 
 def _routes(tmp_path: Path) -> Path:
     routes = tmp_path / "routes.yaml"
-    routes.write_text("rules:\n  - {name: ct, model: ct-organs-tiny, match: {modality: [CT]}}\n"
-                      "  - {name: us, model: ct-organs-tiny, match: {modality: [US]}}\n")
+    routes.write_text(
+        "rules:\n  - {name: ct, model: ct-organs-tiny, match: {modality: [CT]}}\n"
+        "  - {name: us, model: ct-organs-tiny, match: {modality: [US]}}\n"
+    )
     return routes
 
 
@@ -148,30 +207,40 @@ def _spool_series(state: State, spool: Spool, folder: Path) -> None:
     for path in sorted(folder.iterdir()):
         ds = dcmread(path, stop_before_pixels=True)
         stored = spool.put(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
-        state.record_instance(sop_key=stored.sop_key, series_key=stored.series_key, study_key=stored.study_key,
-                              path=stored.path, calling_ae="ORTHANC", called_ae="PACSAI",
-                              header={"Modality": str(ds.Modality), "SOPClassUID": str(ds.SOPClassUID)})
+        state.record_instance(
+            sop_key=stored.sop_key,
+            series_key=stored.series_key,
+            study_key=stored.study_key,
+            path=stored.path,
+            calling_ae="ORTHANC",
+            called_ae="PACSAI",
+            header={"Modality": str(ds.Modality), "SOPClassUID": str(ds.SOPClassUID)},
+        )
 
 
-def test_node_makes_the_copy_keeps_the_map_and_refuses_burned_in(tmp_path: Path, ct_series: Path,
-                                                                  shared: Path) -> None:
+def test_node_makes_the_copy_keeps_the_map_and_refuses_burned_in(tmp_path: Path, ct_series: Path, shared: Path) -> None:
     """The job of a de-identified model points at a clean copy under spool/deid; its identity map lies next to the
     originals; an ultrasound series is refused (job failed with the reason) and nothing of it is copied."""
     canaries = make_canary_series(ct_series, tmp_path / "canary")
     us = tmp_path / "us"
     us.mkdir()
     (us / "1.dcm").write_bytes((shared / "dicom/cornerstone3D-testImages/US-YBR_FULL_422-EVRLE.dcm").read_bytes())
-    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path / "data"), "PACSAI_PEERS": "ORTHANC@127.0.0.1:4242",
-                                  "PACSAI_DEIDENTIFY_FOR": "ct-organs-tiny",
-                                  "PACSAI_ROUTES_FILE": str(_routes(tmp_path))})
-    state, spool = State(settings.database), Spool(settings.spool_dir, b"k", reserve_bytes=0)
+    settings = Settings.from_env(
+        {
+            "PACSAI_DATA_DIR": str(tmp_path / "data"),
+            "PACSAI_PEERS": "ORTHANC@127.0.0.1:4242",
+            "PACSAI_DEIDENTIFY_FOR": "ct-organs-tiny",
+            "PACSAI_ROUTES_FILE": str(_routes(tmp_path)),
+        }
+    )
+    state, spool = State(settings.storage.database), Spool(settings.storage.spool_dir, b"k", reserve_bytes=0)
     queued: list[SeriesJob] = []
-    assembler = Assembler(settings, state, spool, load_rules(settings.routes_file), queued.append, lambda: set())
+    assembler = Assembler(settings, state, spool, load_rules(settings.node.routes_file), queued.append, lambda: set())
     _spool_series(state, spool, tmp_path / "canary")
     _spool_series(state, spool, us)
     assembler.tick(now=time.time() + 11)
     (job,) = queued
-    assert job.manifest.startswith(f"{DEID_DIR}/{job.series_key}/{job.job_id}/")
+    assert job.manifest == f"{DEID_DIR}/{job.job_id}/manifest-{job.job_id}.json"
     copies = spool.read_manifest(job.manifest)
     assert len(copies) == 20
     for path in copies:
@@ -188,20 +257,23 @@ def test_node_makes_the_copy_keeps_the_map_and_refuses_burned_in(tmp_path: Path,
     assert refused.reason == "not sent to de-identified model ct-organs-tiny: modality US often carries burned-in text"
     assert not (spool.root / DEID_DIR / refused.series_key).exists()
     assert "110106" in settings.audit_path.read_text() and "de-identified copy" in settings.audit_path.read_text()
-    spool.remove_series(job.study_key, job.series_key)        # retention: the copy and the map go with the series
+    spool.remove_series(
+        job.study_key, job.series_key, manifests=[job.manifest]
+    )  # retention: the copy and the map go with the series
     assert not copies[0].exists() and not identity_file.exists()
 
 
 def _deidentified_job(tmp_path: Path, ct_series: Path) -> tuple[Spool, JobRow, list[Path]]:
     settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path / "data")})
-    spool = Spool(settings.spool_dir, b"k", reserve_bytes=0)
+    spool = Spool(settings.storage.spool_dir, b"k", reserve_bytes=0)
     stored = []
     for path in sorted(ct_series.iterdir())[:3]:
         ds = dcmread(path, stop_before_pixels=True)
         stored.append(spool.put(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes()))
     study_key, series_key = stored[0].study_key, stored[0].series_key
-    manifest = deidentify.write_copy(settings, spool, study_key, series_key, "job1", "ct-organs-tiny",
-                                     [s.path for s in stored])
+    manifest = deidentify.write_copy(
+        settings, spool, study_key, series_key, "job1", "ct-organs-tiny", [s.path for s in stored]
+    )
     job = JobRow("job1", series_key, study_key, "ct-organs-tiny", manifest, "PACS", JobState.ENCODED, "", 1)
     return spool, job, spool.read_manifest(manifest)
 
@@ -212,10 +284,12 @@ def test_results_get_the_original_identity_back(tmp_path: Path, ct_series: Path)
     spool, job, copies = _deidentified_job(tmp_path, ct_series)
     originals = [dcmread(p) for p in sorted(ct_series.iterdir())[:3]]
     result = dcmread(copies[0])
-    result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = "2.25.1234"
+    result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = UID("2.25.1234")
     reference = Dataset()
-    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = result.SOPClassUID, \
-        dcmread(copies[1]).SOPInstanceUID
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = (
+        result.SOPClassUID,
+        dcmread(copies[1]).SOPInstanceUID,
+    )
     result.SourceImageSequence = [reference]
     outbox = tmp_path / "outbox"
     outbox.mkdir()
@@ -224,7 +298,7 @@ def test_results_get_the_original_identity_back(tmp_path: Path, ct_series: Path)
     assert sent.name == "seg.dcm" and DEID_DIR not in sent.relative_to(spool.root).parts
     back = dcmread(sent)
     assert back.StudyInstanceUID == originals[0].StudyInstanceUID
-    assert back.SeriesInstanceUID == originals[0].SeriesInstanceUID       # here the 'result' reuses the series
+    assert back.SeriesInstanceUID == originals[0].SeriesInstanceUID  # here the 'result' reuses the series
     assert back.FrameOfReferenceUID == originals[0].FrameOfReferenceUID
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == originals[1].SOPInstanceUID
     assert back.SOPInstanceUID == "2.25.1234"
@@ -258,12 +332,13 @@ def test_results_are_never_sent_without_their_identity(tmp_path: Path, ct_series
     foreign = dcmread(copies[0])
     foreign.StudyInstanceUID = "1.2.3.4"
     foreign.save_as(tmp_path / "foreign.dcm", enforce_file_format=True)
-    with pytest.raises(deidentify.NotReidentifiable):     # permanent: the job fails, nothing is sent
+    with pytest.raises(deidentify.NotReidentifiable):  # permanent: the job fails, nothing is sent
         deidentify.restore_identity(spool, job, [tmp_path / "foreign.dcm"])
     deidentify.identity_path(spool, job.study_key, job.series_key, job.job_id).unlink()
-    with pytest.raises(deidentify.IdentityMapMissing) as missing:   # retried: a node-side worker may take it
+    with pytest.raises(deidentify.IdentityMapMissing) as missing:  # retried: a node-side worker may take it
         deidentify.restore_identity(spool, job, copies[:1])
     assert missing.value.retryable and "node's host" in str(missing.value)
-    plain = JobRow("job2", job.series_key, job.study_key, "other", "a/b/manifest-job2.json", "PACS",
-                   JobState.ENCODED, "", 1)
+    plain = JobRow(
+        "job2", job.series_key, job.study_key, "other", "a/b/manifest-job2.json", "PACS", JobState.ENCODED, "", 1
+    )
     assert deidentify.restore_identity(spool, plain, copies[:1]) == copies[:1]

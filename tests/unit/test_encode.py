@@ -16,12 +16,12 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
-from models.spec import Code, Label, ModelSpec, Preprocessing, Task
-from tests.checks import read_strict, to_bytes
+from models.spec import Code, Label, ModelSpec
+from pacsai.errors import ModelError
+from tests.checks import read_strict, segmentation_spec, to_bytes
 from worker.encode_seg import NothingFound, encode_seg, present_labels, tracking_uid
 from worker.encode_sr import encode_sr, measure_labels
-from worker.errors import ModelError
-from worker.load import load_series
+from worker.load_volume import load_series
 from worker.uids import output_uids
 from worker.volume import Volume
 
@@ -52,17 +52,14 @@ def volume() -> Volume:
 
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
-    return ModelSpec(name="ct-organs-tiny", version="0.1.0", task=Task.SEGMENTATION, modalities=("CT",),
-                     network="unet", network_args={}, weights=Path("weights.pt"), weights_sha256="0123abcd" * 8,
-                     labels=(LIVER, SPLEEN, STOMACH),
-                     preprocessing=Preprocessing((1.5, 1.5, 2.0), -1000.0, 1000.0, (64, 64, 64)))
+    return segmentation_spec(LIVER, SPLEEN, STOMACH)
 
 
 @pytest.fixture(scope="module")
 def label_map(volume: Volume) -> NDArray[np.uint8]:
     """A box of label 1 on slices 3..10 and a 12 mm sphere of label 2 centred on slice 12."""
     labels = np.zeros(volume.array.shape, dtype=np.uint8)
-    labels[BOX_SLICES.start:BOX_SLICES.stop, 100:200, 150:260] = LIVER.number
+    labels[BOX_SLICES.start : BOX_SLICES.stop, 100:200, 150:260] = LIVER.number
     slices, rows, columns = volume.array.shape
     k = np.arange(slices).reshape(-1, 1, 1)
     r = np.arange(rows).reshape(1, -1, 1)
@@ -84,8 +81,9 @@ def seg_bytes(volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, uid
 
 
 @pytest.fixture(scope="module")
-def sr_bytes(seg_bytes: bytes, volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec,
-             uids: dict[str, str]) -> bytes:
+def sr_bytes(
+    seg_bytes: bytes, volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, uids: dict[str, str]
+) -> bytes:
     seg = hd.seg.segread(BytesIO(seg_bytes))
     return to_bytes(encode_sr(seg, volume, label_map, spec, uids, software_version=SOFTWARE_VERSION))
 
@@ -124,8 +122,9 @@ def test_loaded_volume_has_no_pixel_data(volume: Volume) -> None:
     assert not any("PixelData" in ds for ds in volume.datasets)
 
 
-def test_seg_has_one_frame_per_source_slice_holding_each_segment(seg_bytes: bytes, volume: Volume,
-                                                                  label_map: NDArray[np.uint8]) -> None:
+def test_seg_has_one_frame_per_source_slice_holding_each_segment(
+    seg_bytes: bytes, volume: Volume, label_map: NDArray[np.uint8]
+) -> None:
     """Frames sit at the source slice positions, exactly on the slices that contain the segment."""
     seg = read_strict(seg_bytes)
     frames = _frames_by_segment(seg, volume)
@@ -140,8 +139,9 @@ def test_seg_has_one_frame_per_source_slice_holding_each_segment(seg_bytes: byte
 def test_seg_pixels_equal_the_label_map(seg_bytes: bytes, volume: Volume, label_map: NDArray[np.uint8]) -> None:
     """highdicom reads the frames back into the label map, slice by source instance."""
     seg = hd.seg.segread(BytesIO(seg_bytes))
-    pixels = seg.get_pixels_by_source_instance([str(ds.SOPInstanceUID) for ds in volume.datasets],
-                                               combine_segments=True, assert_missing_frames_are_empty=True)
+    pixels = seg.get_pixels_by_source_instance(
+        [str(ds.SOPInstanceUID) for ds in volume.datasets], combine_segments=True, assert_missing_frames_are_empty=True
+    )
     np.testing.assert_array_equal(pixels, label_map)  # segment numbers equal label numbers here
 
 
@@ -173,8 +173,10 @@ def test_seg_segments_are_coded_and_coloured(seg_bytes: bytes, uids: dict[str, s
     seg = read_strict(seg_bytes)
     for item, label in zip(seg.SegmentSequence, (LIVER, SPLEEN), strict=True):
         assert item.SegmentLabel == label.name
-        for sequence, code in ((item.SegmentedPropertyCategoryCodeSequence, label.category),
-                               (item.SegmentedPropertyTypeCodeSequence, label.type)):
+        for sequence, code in (
+            (item.SegmentedPropertyCategoryCodeSequence, label.category),
+            (item.SegmentedPropertyTypeCodeSequence, label.type),
+        ):
             assert (sequence[0].CodeValue, sequence[0].CodingSchemeDesignator) == (code.value, "SCT")
         assert list(item.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(*label.colour_rgb).value)
         assert item.SegmentAlgorithmType == "AUTOMATIC"
@@ -200,8 +202,9 @@ def test_seg_has_the_structure_of_a_dcmqi_reference_seg(seg_bytes: bytes) -> Non
     assert pointers == [(d.DimensionIndexPointer, d.FunctionalGroupPointer) for d in reference.DimensionIndexSequence]
 
 
-def test_segments_are_numbered_over_present_labels_only(volume: Volume, label_map: NDArray[np.uint8],
-                                                        spec: ModelSpec, uids: dict[str, str]) -> None:
+def test_segments_are_numbered_over_present_labels_only(
+    volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, uids: dict[str, str]
+) -> None:
     """With only label 2 present, segment 1 is the spleen and the SR's spleen group points at segment 1."""
     spleen_only = np.where(label_map == SPLEEN.number, label_map, 0).astype(np.uint8)
     seg = hd.seg.segread(BytesIO(to_bytes(encode_seg(volume, spleen_only, spec, uids, software_version="x"))))
@@ -219,11 +222,14 @@ def test_empty_label_map_is_nothing_found(volume: Volume, spec: ModelSpec, uids:
 
 
 @pytest.mark.parametrize("fault", ["unknown label", "wrong shape", "wrong dtype"])
-def test_label_map_that_does_not_fit_the_model_is_a_model_error(volume: Volume, label_map: NDArray[np.uint8],
-                                                                spec: ModelSpec, fault: str) -> None:
+def test_label_map_that_does_not_fit_the_model_is_a_model_error(
+    volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, fault: str
+) -> None:
     faulty: dict[str, NDArray[np.generic]] = {
         "unknown label": np.where(label_map == 2, 7, label_map).astype(np.uint8),
-        "wrong shape": label_map[1:], "wrong dtype": label_map.astype(np.int16)}
+        "wrong shape": label_map[1:],
+        "wrong dtype": label_map.astype(np.int16),
+    }
     bad = faulty[fault]
     with pytest.raises(ModelError):
         present_labels(volume, bad, spec)  # type: ignore[arg-type]
@@ -240,9 +246,9 @@ def test_measure_labels_matches_numpy(volume: Volume, label_map: NDArray[np.uint
         assert s.sd == pytest.approx(inside.std(), rel=1e-9)
 
 
-def test_sr_reports_each_segment_with_volume_mean_and_sd(sr_bytes: bytes, volume: Volume,
-                                                         label_map: NDArray[np.uint8], spec: ModelSpec,
-                                                         uids: dict[str, str]) -> None:
+def test_sr_reports_each_segment_with_volume_mean_and_sd(
+    sr_bytes: bytes, volume: Volume, label_map: NDArray[np.uint8], spec: ModelSpec, uids: dict[str, str]
+) -> None:
     stats = {s.label.number: s for s in measure_labels(volume, label_map, spec)}
     groups = _report(sr_bytes).get_volumetric_roi_measurement_groups()
     assert [g.tracking_uid for g in groups] == [tracking_uid(uids, LIVER), tracking_uid(uids, SPLEEN)]
@@ -254,11 +260,15 @@ def test_sr_reports_each_segment_with_volume_mean_and_sd(sr_bytes: bytes, volume
         assert segment[0].referenced_sop_instance_uid == uids["seg_instance"]
         assert segment[0].referenced_segment_numbers == [number]
         assert segment[1].value == volume.datasets[0].SeriesInstanceUID
-        values = {(m.name.value, None if m.derivation is None else m.derivation.meaning): (m.value, m.unit.value)
-                  for m in group.get_measurements()}
-        wanted = {("118565006", None): (expected.voxel_count * volume.voxel_volume_ml, "ml"),
-                  ("112031", "Mean"): (expected.mean, "[hnsf'U]"),
-                  ("112031", "Standard Deviation"): (expected.sd, "[hnsf'U]")}
+        values = {
+            (m.name.value, None if m.derivation is None else m.derivation.meaning): (m.value, m.unit.value)
+            for m in group.get_measurements()
+        }
+        wanted = {
+            ("118565006", None): (expected.voxel_count * volume.voxel_volume_ml, "ml"),
+            ("112031", "Mean"): (expected.mean, "[hnsf'U]"),
+            ("112031", "Standard Deviation"): (expected.sd, "[hnsf'U]"),
+        }
         assert set(values) == set(wanted)
         for key, (value, unit) in wanted.items():
             assert values[key][0] == pytest.approx(value, rel=1e-12) and values[key][1] == unit, key
@@ -277,18 +287,26 @@ def test_sr_header_observer_and_evidence(sr_bytes: bytes, volume: Volume, uids: 
     assert sr.SeriesDescription == "AI ct-organs-tiny 0.1.0 SR - not for diagnosis"
     assert (sr.Manufacturer, sr.StudyInstanceUID) == ("pacsai", volume.datasets[0].StudyInstanceUID)
     assert (sr.ContentTemplateSequence[0].TemplateIdentifier, sr.PreliminaryFlag) == ("1500", "PRELIMINARY")
-    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
     assert evidence == {uids["seg_instance"], *(str(ds.SOPInstanceUID) for ds in volume.datasets)}
-    observer = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence
-                if item.RelationshipType == "HAS OBS CONTEXT"}
+    observer = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item
+        for item in sr.ContentSequence
+        if item.RelationshipType == "HAS OBS CONTEXT"
+    }
     assert observer["Observer Type"].ConceptCodeSequence[0].CodeValue == "121007"  # Device
     assert observer["Device Observer Manufacturer"].TextValue == "pacsai"
     assert observer["Device Observer Name"].TextValue == "ct-organs-tiny"
 
 
-def test_sr_without_seg_reports_every_label_as_zero(sr_alone_bytes: bytes, spec: ModelSpec,
-                                                     uids: dict[str, str]) -> None:
+def test_sr_without_seg_reports_every_label_as_zero(
+    sr_alone_bytes: bytes, spec: ModelSpec, uids: dict[str, str]
+) -> None:
     """When encode_seg raised NothingFound the SR alone goes back, with 0 mL for every label."""
     report = _report(sr_alone_bytes)
     groups = report.get_image_measurement_groups()
@@ -325,6 +343,9 @@ def test_dcentvfy_finds_seg_sr_and_source_consistent(seg_bytes: bytes, sr_bytes:
     (tmp_path / "sr.dcm").write_bytes(sr_bytes)
     files = [str(tmp_path / "seg.dcm"), str(tmp_path / "sr.dcm"), *(str(p) for p in sorted(CT_SERIES.iterdir()))]
     result = subprocess.run([dcentvfy, *files], capture_output=True, text=True, timeout=60, check=False)
-    lines = [line for line in (result.stdout + result.stderr).splitlines()
-             if line and "Different information entities" not in line]  # IE bookkeeping across IODs, not a mismatch
+    lines = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if line and "Different information entities" not in line
+    ]  # IE bookkeeping across IODs, not a mismatch
     assert not lines, lines

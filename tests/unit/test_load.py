@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.pixels.processing import apply_modality_lut
 
 from dicom_node.assemble import Assembler
 from dicom_node.receive import header_of
 from dicom_node.route import SeriesHeader, explain, load_rules
-from dicom_node.spool import Spool
-from worker.jobs import SeriesJob, SeriesState
-from worker.load import SeriesNotLoadable, load_series
-from worker.settings import Settings
-from worker.state import State
+from pacsai.jobs import SeriesJob, SeriesState
+from pacsai.settings import Settings
+from pacsai.state import State
+from pacsai.storage import Spool
+from worker.load_volume import SeriesNotLoadable, load_series, read_source
 
 SHARED = Path(os.environ.get("PACSAI_SHARED_DIR", Path(__file__).resolve().parents[2].parent / "shared"))
 CT_DIR = SHARED / "dicom" / "totalsegmentator-ct-abdomen"
@@ -116,8 +117,12 @@ def test_localizer_and_other_series_are_skipped(ct_copy: list[Path], tmp_path: P
     localizer, other = tmp_path / "localizer.dcm", tmp_path / "other.dcm"
     shutil.copy(ct_copy[0], localizer)
     shutil.copy(ct_copy[0], other)
-    _edit(localizer, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
-          SOPInstanceUID=pydicom.uid.generate_uid())
+    _edit(
+        localizer,
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+        SOPInstanceUID=pydicom.uid.generate_uid(),
+    )
     _edit(other, SeriesInstanceUID=pydicom.uid.generate_uid(), SOPInstanceUID=pydicom.uid.generate_uid())
     (tmp_path / "notes.txt").write_text("not DICOM")
     volume = load_series([localizer, other, tmp_path / "notes.txt", *ct_copy])
@@ -125,6 +130,7 @@ def test_localizer_and_other_series_are_skipped(ct_copy: list[Path], tmp_path: P
 
 
 # --- signed pixels, MONOCHROME1, secondary derived images ------------------------------------------------------------
+
 
 def test_monochrome1_changes_display_not_values(ct_copy: list[Path]) -> None:
     """MONOCHROME1 inverts how grey is shown; modality values (HU) stay what the rescale gives."""
@@ -162,11 +168,11 @@ def test_tilted_series_keeps_its_slices_on_a_sheared_grid(ge_files: list[Path]) 
     headers = [pydicom.dcmread(path) for path in ge_files[:14]]
     positions = np.asarray([ds.ImagePositionPatient for ds in headers], dtype=float)
     assert volume.sheared
-    assert np.allclose(volume.affine[:3, 0], [0.0, 0.0, 4.22], atol=1e-6)   # the table step, not the normal
+    assert np.allclose(volume.affine[:3, 0], [0.0, 0.0, 4.22], atol=1e-6)  # the table step, not the normal
     assert np.allclose(volume.affine[:3, 3], positions[0])
     normal = np.cross(volume.affine[:3, 2], volume.affine[:3, 1])
     normal /= np.linalg.norm(normal)
-    assert float(volume.affine[:3, 0] @ normal) == pytest.approx(4.0, abs=0.01)   # 4 mm slices
+    assert float(volume.affine[:3, 0] @ normal) == pytest.approx(4.0, abs=0.01)  # 4 mm slices
     source_normal = np.cross(*np.reshape(np.asarray(headers[0].ImageOrientationPatient, dtype=float), (2, 3)))
     slab_mm = float(np.mean(np.diff(positions @ source_normal)))
     assert volume.voxel_volume_ml == pytest.approx(float(np.prod(headers[0].PixelSpacing)) * slab_mm / 1000)
@@ -203,13 +209,13 @@ def test_enhanced_mr_frames_become_slices_of_the_largest_stack(caplog: pytest.Lo
     path = ENHANCED / "Philips" / "IM_0027_fMAP.dcm"
     if not path.is_file():
         pytest.skip(f"shared corpus not found at {path}")
-    with caplog.at_level("INFO", logger="worker.load"):
+    with caplog.at_level("INFO", logger="worker.load_volume"):
         volume = load_series([path])
     ds = pydicom.dcmread(path)
     groups = ds.PerFrameFunctionalGroupsSequence
     assert volume.array.shape == (32, 64, 64) and len(volume.instances) == 1
     positions = np.asarray([groups[n - 1].PlanePositionSequence[0].ImagePositionPatient for n in volume.frame_numbers])
-    assert np.all(np.diff(positions[:, 2]) > 0)   # axial frames, ascending along the normal (+z)
+    assert np.all(np.diff(positions[:, 2]) > 0)  # axial frames, ascending along the normal (+z)
     assert {groups[n - 1].MRImageFrameTypeSequence[0].FrameType[3] for n in volume.frame_numbers} == {"M"}
     assert np.allclose(volume.affine[:3, 3], positions[0]) and np.allclose(volume.affine[:3, 0], [0, 0, 4], atol=1e-3)
     k, number = 5, volume.frame_numbers[5]
@@ -230,11 +236,17 @@ def test_several_enhanced_instances_of_one_series_give_one_stack() -> None:
     assert str(volume.instances[0].SOPInstanceUID) == str(pydicom.dcmread(files[0]).SOPInstanceUID)
 
 
-@pytest.mark.parametrize(("relative", "reason"), [
-    ("pydicom-data/emri_small.dcm", "1 multi-frame image without per-frame functional groups"),
-    ("dcm_qa_nih/Siemens_mr_0003", "2 mosaic (several slices tiled in one image)"),
-    ("cornerstone3D-testImages/no-pixel-data.dcm", "1 no pixel data (SR, dose report, presentation state or similar)"),
-])
+@pytest.mark.parametrize(
+    ("relative", "reason"),
+    [
+        ("pydicom-data/emri_small.dcm", "1 multi-frame image without per-frame functional groups"),
+        ("dcm_qa_nih/Siemens_mr_0003", "2 mosaic (several slices tiled in one image)"),
+        (
+            "cornerstone3D-testImages/no-pixel-data.dcm",
+            "1 no pixel data (SR, dose report, presentation state or similar)",
+        ),
+    ],
+)
 def test_what_is_no_volume_is_refused_with_the_reason(relative: str, reason: str) -> None:
     path = SHARED / "dicom" / relative
     if not path.exists():
@@ -256,41 +268,113 @@ def philips_series() -> dict[str, list[Path]]:
     return {folder.name: sorted(folder.iterdir()) for folder in sorted(PHILIPS.iterdir()) if folder.is_dir()}
 
 
-def test_study_mix_loads_the_axial_series_and_says_what_it_left(philips_series: dict[str, list[Path]],
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_study_mix_loads_the_axial_series_and_says_what_it_left(
+    philips_series: dict[str, list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
     every_file = [path for files in philips_series.values() for path in files]
-    with caplog.at_level("INFO", logger="worker.load"):
+    with caplog.at_level("INFO", logger="worker.load_volume"):
         volume = load_series(every_file)
     assert volume.array.shape == (28, 512, 512)
     assert {str(ds.SOPInstanceUID) for ds in volume.datasets} == {
-        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in philips_series["S2010"]}
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in philips_series["S2010"]
+    }
     assert "not used: 1 localizer, 6 secondary capture" in caplog.text
 
 
-def test_study_mix_becomes_one_job_for_the_axial_series(philips_series: dict[str, list[Path]],
-                                                        tmp_path: Path) -> None:
+def test_study_mix_becomes_one_job_for_the_axial_series(philips_series: dict[str, list[Path]], tmp_path: Path) -> None:
     """The node's assembler with the shipped routes: S2010 becomes a ct-organs-tiny job whose files load as the
     28-slice volume; the localizer (1 instance) and the secondary captures (SOP class) match no rule."""
     settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path), "PACSAI_PEERS": "ORTHANC@127.0.0.1:4242"})
-    state, spool = State(str(tmp_path / "state.db")), Spool(settings.spool_dir, b"k", reserve_bytes=0)
-    rules = load_rules(settings.routes_file)
+    state, spool = State(str(tmp_path / "state.db")), Spool(settings.storage.spool_dir, b"k", reserve_bytes=0)
+    rules = load_rules(settings.node.routes_file)
     queued: list[SeriesJob] = []
     series_keys, headers = {}, {}
     for name, files in philips_series.items():
         for path in files:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             stored = spool.put(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
-            state.record_instance(sop_key=stored.sop_key, series_key=stored.series_key, study_key=stored.study_key,
-                                  path=stored.path, calling_ae="ORTHANC", called_ae="PACSAI", header=header_of(ds))
+            state.record_instance(
+                sop_key=stored.sop_key,
+                series_key=stored.series_key,
+                study_key=stored.study_key,
+                path=stored.path,
+                calling_ae="ORTHANC",
+                called_ae="PACSAI",
+                header=header_of(ds),
+            )
         series_keys[name] = stored.series_key
-        headers[name] = SeriesHeader(modality=str(ds.Modality), sop_class=str(ds.SOPClassUID), body_part="",
-                                     series_description=str(ds.get("SeriesDescription", "")), instances=len(files),
-                                     calling_ae="ORTHANC", called_ae="PACSAI")
+        headers[name] = SeriesHeader(
+            modality=str(ds.Modality),
+            sop_class=str(ds.SOPClassUID),
+            body_part="",
+            series_description=str(ds.get("SeriesDescription", "")),
+            instances=len(files),
+            calling_ae="ORTHANC",
+            called_ae="PACSAI",
+        )
     Assembler(settings, state, spool, rules, queued.append, lambda: set()).tick(now=time.time() + 3600)
     assert [(job.model, job.series_key) for job in queued] == [("ct-organs-tiny", series_keys["S2010"])]
     assert state.jobs_for_series(series_keys["S1000"]) == state.jobs_for_series(series_keys["S4010"]) == []
     assert state.counts()["series"] == {SeriesState.COMPLETE.value: 1, SeriesState.NO_MODEL.value: 2}
     assert load_series(spool.read_manifest(queued[0].manifest)).array.shape == (28, 512, 512)
-    assert explain(rules, headers["S1000"]).startswith(
-        "ct-abdominal-organs: 1 instance(s), the rule needs at least 10")
+    assert explain(rules, headers["S1000"]).startswith("ct-abdominal-organs: 1 instance(s), the rule needs at least 10")
     assert explain(rules, headers["S4010"]).startswith("ct-abdominal-organs: SOPClassUID is not one the rule takes")
+
+
+def _texts(ds: pydicom.Dataset) -> list[tuple[str, str]]:
+    """Every text value (sequences included) as the str pydicom gives, with its tag."""
+    found: list[tuple[str, str]] = []
+    for element in ds.iterall():
+        if element.VR in ("SH", "LO", "ST", "LT", "UT", "UC", "PN") and element.value is not None:
+            found.append((str(element.tag), str(element.value)))
+    return found
+
+
+@pytest.mark.parametrize(
+    "name", sorted(path.name for path in (SHARED / "dicom" / "pydicom" / "charset_files").glob("chr*.dcm"))
+)
+def test_read_source_gives_the_text_a_full_decode_gives_and_declares_utf8(name: str, tmp_path: Path) -> None:
+    """C8 fast path: a source whose text is plain ASCII is re-declared without decoding each element; any other one
+    (Latin-1, Greek, ISO 2022 with escapes, text in sequences) is decoded. Either way the values read, and the
+    values after writing under ISO_IR 192 and reading back, are those of a full decode."""
+    path = SHARED / "dicom" / "pydicom" / "charset_files" / name
+    expected = pydicom.dcmread(path)
+    expected.decode()
+    got = read_source(path)
+    assert got.SpecificCharacterSet == "ISO_IR 192"
+    assert _texts(got) == _texts(expected)
+    got.save_as(tmp_path / "out.dcm")
+    assert _texts(pydicom.dcmread(tmp_path / "out.dcm")) == _texts(expected)
+
+
+def test_plain_ascii_text_is_re_declared_without_decoding(ct_files: list[Path]) -> None:
+    """The shared CT declares ISO_IR 100 and holds only ASCII text: its elements stay unconverted (raw) after the
+    re-declaration, and read back as the same strings."""
+    source = pydicom.dcmread(ct_files[0])
+    assert source.get("SpecificCharacterSet")
+    got = read_source(ct_files[0])
+    assert got.SpecificCharacterSet == "ISO_IR 192"
+    assert any(isinstance(element, RawDataElement) for element in got.elements())
+    expected = pydicom.dcmread(ct_files[0])
+    expected.decode()
+    assert _texts(got) == _texts(expected)
+
+
+def test_series_headers_read_one_file_when_all_are_alike(ct_copy: list[Path]) -> None:
+    """SeriesHeaders: for single-frame files of one size the first header stands for all (the checks before loading
+    then read one file, not every one); a file of another size (or a multi-frame one) makes them read every header.
+    Either way the memory estimate and the domain's slice count are those of every header."""
+    from worker.pipeline import estimate_from_headers
+    from worker.screen import SeriesHeaders
+
+    every = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(ct_copy)]
+    alike = SeriesHeaders(ct_copy)
+    assert len(alike.for_checks) == len(ct_copy) and all(ds is alike.for_checks[0] for ds in alike.for_checks)
+    assert estimate_from_headers(alike.for_checks) == estimate_from_headers(every)
+    assert [str(ds.SOPInstanceUID) for ds in alike.all()] == [str(ds.SOPInstanceUID) for ds in every]
+    bigger = pydicom.dcmread(ct_copy[3])
+    bigger.ImageComments = "x" * 40_000  # the same image in a file 40 kB larger
+    bigger.save_as(ct_copy[3])
+    mixed = SeriesHeaders(ct_copy)
+    assert len({id(ds) for ds in mixed.for_checks}) == len(ct_copy)  # every header read
+    assert SeriesHeaders([]).for_checks == []

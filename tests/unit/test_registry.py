@@ -14,8 +14,14 @@ from models import networks
 from models.registry import ModelLoadError, list_specs, load_model, load_spec, pick_device
 from models.spec import Task
 
-TINY_ARGS: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [2, 4],
-                             "strides": [2], "num_res_units": 0}
+TINY_ARGS: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "channels": [2, 4],
+    "strides": [2],
+    "num_res_units": 0,
+}
 
 
 def _write_model(models_dir: Path, *, network: str = "monai.UNet", sha256: str | None = None) -> Path:
@@ -26,21 +32,43 @@ def _write_model(models_dir: Path, *, network: str = "monai.UNet", sha256: str |
     torch.save(networks.build("monai.UNet", TINY_ARGS).state_dict(), folder / "model.pt")
     actual = hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()
     code = {"value": "123037004", "meaning": "Anatomical Structure"}
-    spec = {"name": "tiny-test", "version": "0.0.1", "task": "segmentation", "modalities": ["CT"],
-            "network": network, "network_args": TINY_ARGS, "weights": "model.pt",
-            "weights_sha256": sha256 or actual,
-            "preprocessing": {"spacing_mm": [3, 3, 3], "intensity_min": -175, "intensity_max": 250,
-                              "roi_size": [16, 16, 16]},
-            "labels": [{"number": 1, "name": "liver", "category": code,
-                        "type": {"value": "10200004", "meaning": "Liver"}, "colour_rgb": [221, 130, 101]}]}
+    spec = {
+        "name": "tiny-test",
+        "version": "0.0.1",
+        "task": "segmentation",
+        "modalities": ["CT"],
+        "network": network,
+        "network_args": TINY_ARGS,
+        "weights": "model.pt",
+        "weights_sha256": sha256 or actual,
+        "preprocessing": {
+            "spacing_mm": [3, 3, 3],
+            "intensity_min": -175,
+            "intensity_max": 250,
+            "roi_size": [16, 16, 16],
+        },
+        "labels": [
+            {
+                "number": 1,
+                "name": "liver",
+                "category": code,
+                "type": {"value": "10200004", "meaning": "Liver"},
+                "colour_rgb": [221, 130, 101],
+            }
+        ],
+    }
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
     return folder
 
 
 def test_shipped_spec_parses() -> None:
     spec = load_spec("ct-organs-tiny")
-    assert (spec.name, spec.version, spec.task, spec.modalities) == ("ct-organs-tiny", "0.1.0", Task.SEGMENTATION,
-                                                                      ("CT",))
+    assert (spec.name, spec.version, spec.task, spec.modalities) == (
+        "ct-organs-tiny",
+        "0.1.0",
+        Task.SEGMENTATION,
+        ("CT",),
+    )
     assert spec.network in networks.NETWORKS
     assert [label.number for label in spec.labels] == [1, 2, 3, 4, 5]
     assert {label.type.value for label in spec.labels} == {"78961009", "9846003", "18639004", "10200004", "69695003"}

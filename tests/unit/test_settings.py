@@ -6,31 +6,41 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigError
-from worker.settings import Peer, Settings
+from pacsai.errors import ConfigError
+from pacsai.settings import Peer, Settings
 
 
 def test_defaults_work_on_one_machine(tmp_path: Path) -> None:
     settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path)})
-    assert settings.port == 11112 and settings.ae_title == "PACSAI"
-    assert settings.broker_url == "" and settings.quiet_period_s == 10.0
-    assert settings.routes_file.is_file() and settings.models_dir.is_dir()
-    assert settings.spool_dir == tmp_path / "spool"
+    assert settings.node.port == 11112 and settings.node.ae_title == "PACSAI"
+    assert settings.queue.broker_url == "" and settings.node.quiet_period_s == 10.0
+    assert settings.node.routes_file.is_file() and settings.worker.models_dir.is_dir()
+    assert settings.storage.spool_dir == tmp_path / "spool"
 
 
 def test_peers_and_callers(tmp_path: Path) -> None:
     settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path), "PACSAI_PEERS": "ORTHANC@10.0.0.5:4242, B@h:1"})
-    assert settings.peers == (Peer("ORTHANC", "10.0.0.5", 4242), Peer("B", "h", 1))
+    assert settings.delivery.peers == (Peer("ORTHANC", "10.0.0.5", 4242), Peer("B", "h", 1))
     assert settings.callers == ("ORTHANC", "B")
-    assert settings.peer("B") == Peer("B", "h", 1) and settings.peer("X") is None
+    assert settings.delivery.peer("B") == Peer("B", "h", 1) and settings.delivery.peer("X") is None
 
 
-@pytest.mark.parametrize(("variable", "value"), [
-    ("PACSAI_PORT", "70000"), ("PACSAI_PORT", "eleven"), ("PACSAI_PEERS", "ORTHANC@host"),
-    ("PACSAI_PEERS", "A\\B@h:1"), ("PACSAI_AE_TITLE", "THIS-AE-TITLE-IS-TOO-LONG"), ("PACSAI_QUIET_PERIOD_S", "0"),
-    ("PACSAI_ALLOW_ANY_CALLER", "maybe"), ("PACSAI_DEVICE", "tpu"), ("PACSAI_ROUTES_FILE", "/nonexistent.yaml"),
-    ("PACSAI_LOG_LEVEL", "loud"), ("PACSAI_SPOOL_RESERVE_MB", "-1"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PACSAI_PORT", "70000"),
+        ("PACSAI_PORT", "eleven"),
+        ("PACSAI_PEERS", "ORTHANC@host"),
+        ("PACSAI_PEERS", "A\\B@h:1"),
+        ("PACSAI_AE_TITLE", "THIS-AE-TITLE-IS-TOO-LONG"),
+        ("PACSAI_QUIET_PERIOD_S", "0"),
+        ("PACSAI_ALLOW_ANY_CALLER", "maybe"),
+        ("PACSAI_DEVICE", "tpu"),
+        ("PACSAI_ROUTES_FILE", "/nonexistent.yaml"),
+        ("PACSAI_LOG_LEVEL", "loud"),
+        ("PACSAI_SPOOL_RESERVE_MB", "-1"),
+    ],
+)
 def test_a_wrong_value_names_its_variable(variable: str, value: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path), variable: value})
@@ -45,16 +55,19 @@ def test_log_key_is_made_once_and_kept(tmp_path: Path) -> None:
 
 
 def test_a_delivery_back_off_past_the_visibility_timeout_is_refused() -> None:
-    env = {"PACSAI_BROKER_URL": "redis://127.0.0.1:6379/0", "PACSAI_VISIBILITY_TIMEOUT_S": "300",
-           "PACSAI_SEND_BACKOFF_MAX_S": "600"}
+    env = {
+        "PACSAI_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "PACSAI_VISIBILITY_TIMEOUT_S": "300",
+        "PACSAI_SEND_BACKOFF_MAX_S": "600",
+    }
     with pytest.raises(ConfigError, match="PACSAI_SEND_BACKOFF_MAX_S .* must be below PACSAI_VISIBILITY_TIMEOUT_S"):
         Settings.from_env(env)
-    assert Settings.from_env({**env, "PACSAI_SEND_BACKOFF_MAX_S": "120"}).visibility_timeout_s == 300
+    assert Settings.from_env({**env, "PACSAI_SEND_BACKOFF_MAX_S": "120"}).queue.visibility_timeout_s == 300
     default = Settings.from_env({"PACSAI_TASK_TIME_LIMIT_S": "100"})
-    assert (default.visibility_timeout_s, default.retry_delay_s) == (800, 10)
+    assert (default.queue.visibility_timeout_s, default.queue.retry_delay_s) == (800, 10)
 
 
 def test_ae_titles_may_have_sixteen_characters_but_not_seventeen() -> None:
-    assert Settings.from_env({"PACSAI_AE_TITLE": "A" * 16}).ae_title == "A" * 16    # PS3.5: AE is 16 bytes max
+    assert Settings.from_env({"PACSAI_AE_TITLE": "A" * 16}).node.ae_title == "A" * 16  # PS3.5: AE is 16 bytes max
     with pytest.raises(ConfigError, match="PACSAI_AE_TITLE"):
         Settings.from_env({"PACSAI_AE_TITLE": "A" * 17})

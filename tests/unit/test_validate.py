@@ -22,7 +22,6 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import decode, encode
 
-from dicom_node import status
 from dicom_node.validate import (
     MALFORMED,
     MAX_DECODED_PIXEL_BYTES,
@@ -30,15 +29,17 @@ from dicom_node.validate import (
     NO_DECODER,
     NOT_MATCHING,
     TOO_LARGE,
-    Refusal,
+    InstanceRefusal,
     check_instance,
 )
+from pacsai import dimse
 
 CANARY_UID = "1.2.826.0.1.3680043.8.498.99999999"
 
 
-def image(rows: int = 4, columns: int = 4, frames: int | None = None, *, bits: int = 16, native: bool = True
-          ) -> Dataset:
+def image(
+    rows: int = 4, columns: int = 4, frames: int | None = None, *, bits: int = 16, native: bool = True
+) -> Dataset:
     """A CT header, with matching native pixel data unless not native, and canary values no reason may show."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = CTImageStorage, CANARY_UID + ".3", CANARY_UID + ".1"
@@ -73,12 +74,12 @@ def from_bytes(data: bytes, *, implicit: bool = False) -> tuple[Dataset, int]:
     return decoded, len(data)
 
 
-def check(ds: Dataset, syntax: UID = ExplicitVRLittleEndian, *, implicit: bool = False) -> Refusal | None:
+def check(ds: Dataset, syntax: UID = ExplicitVRLittleEndian, *, implicit: bool = False) -> InstanceRefusal | None:
     decoded, size = received(ds, implicit=implicit)
     return check_instance(decoded, size, transfer_syntax=str(syntax))
 
 
-def assert_value_free(refusal: Refusal) -> None:
+def assert_value_free(refusal: InstanceRefusal) -> None:
     assert CANARY_UID not in refusal.reason and "CANARY" not in refusal.reason
 
 
@@ -100,7 +101,7 @@ def test_a_non_image_without_pixel_data_is_accepted() -> None:
 
 
 def test_an_empty_dataset_is_refused() -> None:
-    assert check_instance(Dataset(), 0) == Refusal(MALFORMED, "empty dataset")
+    assert check_instance(Dataset(), 0) == InstanceRefusal(MALFORMED, "empty dataset")
 
 
 @pytest.mark.catalogue("C4")
@@ -115,7 +116,7 @@ def test_c4_huge_declared_length_is_refused_without_allocating() -> None:
     started = time.monotonic()
     refusal = check_instance(decoded, size, transfer_syntax=ExplicitVRLittleEndian)
     assert time.monotonic() - started < 1
-    assert refusal == Refusal(MALFORMED, "PixelData is shorter than its declared length (truncated)")
+    assert refusal == InstanceRefusal(MALFORMED, "PixelData is shorter than its declared length (truncated)")
 
 
 @pytest.mark.catalogue("C3", "C4")
@@ -126,11 +127,13 @@ def test_c4_truncated_element_inside_a_sequence_is_refused() -> None:
     ds.AnatomicRegionSequence = Sequence([item])
     data = encode(ds, False, True)
     assert data is not None
-    cut = data.index(b"x" * 40) + 10   # the sequence's own length still claims the whole item
+    cut = data.index(b"x" * 40) + 10  # the sequence's own length still claims the whole item
     with_short_sequence = data[:cut]
     decoded, size = from_bytes(with_short_sequence)
     refusal = check_instance(decoded, size, transfer_syntax=ExplicitVRLittleEndian)
-    assert refusal == Refusal(MALFORMED, "AnatomicRegionSequence is shorter than its declared length (truncated)")
+    assert refusal == InstanceRefusal(
+        MALFORMED, "AnatomicRegionSequence is shorter than its declared length (truncated)"
+    )
 
 
 @pytest.mark.catalogue("C6")
@@ -169,40 +172,53 @@ def test_c7_ybr_full_422_is_sized_with_two_samples_a_pixel() -> None:
 
 def test_c7_fewer_fragments_than_frames_is_refused() -> None:
     refusal = check(encapsulated(image(frames=3), [b"\x00" * 8]), JPEG2000Lossless)
-    assert refusal == Refusal(NOT_MATCHING, "encapsulated PixelData has fewer fragments than NumberOfFrames")
+    assert refusal == InstanceRefusal(NOT_MATCHING, "encapsulated PixelData has fewer fragments than NumberOfFrames")
 
 
 def test_image_without_pixel_data_is_refused() -> None:
     ds = image()
     del ds.PixelData
-    assert check(ds) == Refusal(status.DATASET_DOES_NOT_MATCH, "PixelData missing from an image SOP class")
+    assert check(ds) == InstanceRefusal(dimse.DATASET_DOES_NOT_MATCH, "PixelData missing from an image SOP class")
 
 
-@pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
-                                     "PhotometricInterpretation", "PixelRepresentation"])
+@pytest.mark.parametrize(
+    "keyword",
+    [
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PixelRepresentation",
+    ],
+)
 def test_a_missing_pixel_description_attribute_is_refused_by_name(keyword: str) -> None:
     ds = image()
     delattr(ds, keyword)
-    assert check(ds) == Refusal(NOT_MATCHING, f"{keyword} missing from the image pixel module")
+    assert check(ds) == InstanceRefusal(NOT_MATCHING, f"{keyword} missing from the image pixel module")
 
 
-@pytest.mark.parametrize(("keyword", "value", "reason"), [
-    ("Rows", 0, "Rows is not a positive integer"),
-    ("NumberOfFrames", "1A", "NumberOfFrames is not a positive integer"),
-    ("NumberOfFrames", "0", "NumberOfFrames is not a positive integer"),
-    ("BitsAllocated", 12, "BitsAllocated is not 1 or a multiple of 8 up to 64"),
-    ("BitsStored", 17, "BitsStored is not between 1 and BitsAllocated"),
-    ("SamplesPerPixel", 2, "SamplesPerPixel is not 1, 3 or 4"),
-    ("PixelRepresentation", 2, "PixelRepresentation is not 0 or 1"),
-])
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("Rows", 0, "Rows is not a positive integer"),
+        ("NumberOfFrames", "1A", "NumberOfFrames is not a positive integer"),
+        ("NumberOfFrames", "0", "NumberOfFrames is not a positive integer"),
+        ("BitsAllocated", 12, "BitsAllocated is not 1 or a multiple of 8 up to 64"),
+        ("BitsStored", 17, "BitsStored is not between 1 and BitsAllocated"),
+        ("SamplesPerPixel", 2, "SamplesPerPixel is not 1, 3 or 4"),
+        ("PixelRepresentation", 2, "PixelRepresentation is not 0 or 1"),
+    ],
+)
 def test_an_impossible_pixel_description_is_refused(keyword: str, value: object, reason: str) -> None:
     ds = image()
     if keyword == "NumberOfFrames":
         ds.add_new(0x00280008, "IS", None)
-        ds["NumberOfFrames"]._value = value   # an invalid IS, as a modality might send it
+        ds["NumberOfFrames"]._value = value  # an invalid IS, as a modality might send it
     else:
         setattr(ds, keyword, value)
-    assert check(ds) == Refusal(NOT_MATCHING, reason)
+    assert check(ds) == InstanceRefusal(NOT_MATCHING, reason)
 
 
 def test_pixel_data_in_a_syntax_nothing_decodes_is_refused() -> None:
@@ -213,13 +229,13 @@ def test_pixel_data_in_a_syntax_nothing_decodes_is_refused() -> None:
 
 def test_native_pixel_data_in_an_encapsulated_syntax_is_refused() -> None:
     refusal = check(image(), JPEG2000Lossless)
-    assert refusal == Refusal(MALFORMED, "PixelData is not encapsulated although the transfer syntax is")
+    assert refusal == InstanceRefusal(MALFORMED, "PixelData is not encapsulated although the transfer syntax is")
 
 
 def test_an_invalid_sop_class_uid_is_refused() -> None:
     ds = image()
     ds.SOPClassUID = ""
-    assert check(ds) == Refusal(MALFORMED, "SOPClassUID is not a valid UID")
+    assert check(ds) == InstanceRefusal(MALFORMED, "SOPClassUID is not a valid UID")
 
 
 def nested(depth: int) -> bytes:
@@ -245,7 +261,7 @@ def test_c5_nesting_within_the_limit_is_accepted() -> None:
 def test_c5_deep_nesting_is_refused_without_recursion(depth: int) -> None:
     decoded, size = from_bytes(nested(depth))
     refusal = check_instance(decoded, size, transfer_syntax=ExplicitVRLittleEndian)
-    assert refusal == Refusal(MALFORMED, f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    assert refusal == InstanceRefusal(MALFORMED, f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
 
 
 def test_c5_undefined_length_nesting_past_the_limit_is_refused() -> None:
@@ -257,4 +273,4 @@ def test_c5_undefined_length_nesting_past_the_limit_is_refused() -> None:
         level.ReferencedSeriesSequence = Sequence([item])
         level = item
     refusal = check(ds)
-    assert refusal == Refusal(MALFORMED, f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    assert refusal == InstanceRefusal(MALFORMED, f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
