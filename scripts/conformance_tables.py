@@ -9,8 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydicom.uid import UID  # noqa: E402
 
+from dicom_node.commitment import COMMITMENT  # noqa: E402
 from dicom_node.receive import build_ae  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from pacsai.settings import Settings  # noqa: E402
 
 
 def main() -> int:
@@ -18,13 +19,14 @@ def main() -> int:
     syntaxes: dict[str, str] = {}
     print("| SOP class | UID | role |\n|---|---|---|")
     for context in ae.supported_contexts:
-        uid = UID(context.abstract_syntax)
-        print(f"| {uid.name} | `{uid}` | SCP |")
+        uid = UID(str(context.abstract_syntax))
+        role = "SCU (reports accepted from the peer in the SCP role)" if uid == COMMITMENT else "SCP"
+        print(f"| {uid.name} | `{uid}` | {role} |")
         for ts in context.transfer_syntax:
-            syntaxes[ts] = UID(ts).name
+            syntaxes[str(ts)] = UID(str(ts)).name
     print("\n| transfer syntax | UID |\n|---|---|")
-    for ts, name in syntaxes.items():
-        print(f"| {name} | `{ts}` |")
+    for ts_uid, name in syntaxes.items():
+        print(f"| {name} | `{ts_uid}` |")
     return 0
 
 

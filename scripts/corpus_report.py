@@ -26,17 +26,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import pydicom  # noqa: F401  (its import sets its logger's level; ours must come after)
 
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)          # reading odd corpus headers for their UIDs
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # reading odd corpus headers for their UIDs
     warnings.simplefilter("ignore", UserWarning)
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)   # the raw sender's own association chatter
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the raw sender's own association chatter
     started = time.monotonic()
     run = run_corpus(args.corpus, args.workdir, jobs=args.jobs)
     args.out.write_text(render_report(run), encoding="utf-8")
     kinds = Counter(outcome.kind for outcome in run.outcomes)
-    print(f"{len(run.outcomes)} files in {time.monotonic() - started:.0f} s: " +
-          ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())) +
-          f"; node crashes {len(run.crashes)}; silent refusals {len(run.silent())}; "
-          f"spool {run.spool_files} for {run.distinct_accepted} distinct accepted instances; wrote {args.out}")
+    print(
+        f"{len(run.outcomes)} files in {time.monotonic() - started:.0f} s: "
+        + ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
+        + f"; node crashes {len(run.crashes)}; silent refusals {len(run.silent())}; "
+        f"spool {run.spool_files} for {run.distinct_accepted} distinct accepted instances; wrote {args.out}"
+    )
     healthy = not run.crashes and not run.silent() and run.spool_files == run.distinct_accepted
     return 0 if healthy else 1
 

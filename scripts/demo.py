@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -29,8 +30,9 @@ def main() -> int:
     port = free_port()
     orthanc = start_orthanc(work / "orthanc", modalities={"pacsai": ("PACSAI", "127.0.0.1", port)})
     print(f"demo: Orthanc (the PACS) at {orthanc.base}, DICOM port {orthanc.dicom_port}; Redis at {broker}")
-    env = pacsai_env(work / "pacsai-data", port=port, peers=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-                     broker_url=broker)
+    env = pacsai_env(
+        work / "pacsai-data", port=port, peers=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", broker_url=broker
+    )
     processes = [redis, orthanc.process]
     try:
         processes.append(start_pacsai("node", work, env))
@@ -58,16 +60,16 @@ def main() -> int:
             proc.stop()
 
 
-def summarise(orthanc: object, series: list[dict[str, object]], work: Path) -> None:
+def summarise(orthanc: object, series: list[dict[str, Any]], work: Path) -> None:
     results = work / "results"
     results.mkdir(exist_ok=True)
     paths = {}
     for item in series:
-        tags = item["MainDicomTags"]  # type: ignore[index]
+        tags = item["MainDicomTags"]
         modality = tags["Modality"]
         print(f"  series {tags.get('SeriesNumber', '?'):>5} {modality:<4} {tags.get('SeriesDescription', '')}")
         if modality in ("SEG", "SR"):
-            instance = item["Instances"][0]  # type: ignore[index]
+            instance = item["Instances"][0]
             paths[modality] = results / f"{modality.lower()}.dcm"
             paths[modality].write_bytes(orthanc.request("GET", f"/instances/{instance}/file"))  # type: ignore[attr-defined]
     seg = dcmread(paths["SEG"])
