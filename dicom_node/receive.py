@@ -19,7 +19,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import commitment, fast_recv, stream_to_disk, wake
+from dicom_node import commitment, fast_dimse, fast_recv, stream_to_disk, wake
 from dicom_node.access import AccessPolicy, Gatekeeper, requested_titles
 from dicom_node.guard import GuardedServer
 from dicom_node.metrics import INSTANCES
@@ -193,6 +193,7 @@ def serve(
     ]
     ae = build_ae(settings)
     fast_recv.read_in_large_chunks()
+    fast_dimse.install()
     if settings.node.prompt_wake:
         wake.install()
     stream_to_disk.stream_to_files(
