@@ -33,7 +33,18 @@ from pacsai.profiles import Output, overlay_file
 from pacsai.settings import Settings
 from pacsai.settings_parse import memory_available_mb
 from pacsai.storage import Spool, check_intact, outbox_for, require_room, write_atomic
-from worker import classify, encode_overlay, encode_sc, encode_seg, encode_sr, infer, load_image, load_volume, screen
+from worker import (
+    classify,
+    collect,
+    encode_overlay,
+    encode_sc,
+    encode_seg,
+    encode_sr,
+    infer,
+    load_image,
+    load_volume,
+    screen,
+)
 from worker.stage_clock import note as note_stage
 from worker.uids import output_uids
 from worker.volume import Volume
@@ -63,6 +74,7 @@ def warm_model(name: str, settings: Settings) -> LoadedModel:
             raise
         except Exception as exc:
             raise ModelError(f"model {name} cannot be loaded: {exc}") from exc
+        collect.freeze_loaded()  # what stays loaded is never walked by a collection again
         log.info(
             "model %s %s loaded on %s in %.1f s", name, spec.version, _warm[name].device, time.monotonic() - started
         )

@@ -27,6 +27,7 @@ from pacsai.jobs import Claim, Delivery, JobState, SeriesJob
 from pacsai.logs import log_context
 from pacsai.settings import Settings
 from pacsai.state import State
+from worker import collect
 from worker.stage_clock import timing as time_stages
 from worker.task_context import context, this_process, wait_for
 
@@ -70,24 +71,26 @@ def infer(self: Task, message: dict[str, str]) -> str:
         owner = lease.owner()
         if (dropped := _claim(state, job, owner)) is not None:
             return dropped
-        try:
-            # only now, with the attempt counted: the first import of torch takes seconds, and a job whose time
-            # limit kills it during the import must still end dead after its attempts (Q6), not come back forever
-            from worker import pipeline
-            from worker.deliver import peer_takes_seg
+        # full collections wait until the results are handed on, then one runs (worker/collect.py)
+        with collect.after_the_job():
+            try:
+                # only now, with the attempt counted: the first import of torch takes seconds, and a job whose time
+                # limit kills it during the import must still end dead after its attempts (Q6), not come back forever
+                from worker import pipeline
+                from worker.deliver import peer_takes_seg
 
-            with lease.renewed(state, job.job_id, owner), time_stages() as stage_times:
-                fallback_overlays = peer_takes_seg(settings, state, job.destination) is not True
-                results = pipeline.run(job, settings, spool, fallback_overlays=fallback_overlays)
-        except SoftTimeLimitExceeded:
-            limit = WorkerError(f"the job ran past its time limit of {settings.queue.task_time_limit_s:g} s")
-            log.error("%s", limit)
-            return _give_up_or_retry(settings, state, job.job_id, limit, retryable=True)
-        except Exception as exc:
-            return _failed(settings, state, job.job_id, exc)
-        for stage, seconds in stage_times.items():  # load, model, encode (worker/pipeline.py)
-            state.record_stage(job.job_id, job.model, stage, seconds)
-        return _encoded(self, state, job, results)
+                with lease.renewed(state, job.job_id, owner), time_stages() as stage_times:
+                    fallback_overlays = peer_takes_seg(settings, state, job.destination) is not True
+                    results = pipeline.run(job, settings, spool, fallback_overlays=fallback_overlays)
+            except SoftTimeLimitExceeded:
+                limit = WorkerError(f"the job ran past its time limit of {settings.queue.task_time_limit_s:g} s")
+                log.error("%s", limit)
+                return _give_up_or_retry(settings, state, job.job_id, limit, retryable=True)
+            except Exception as exc:
+                return _failed(settings, state, job.job_id, exc)
+            for stage, seconds in stage_times.items():  # load, model, encode (worker/pipeline.py)
+                state.record_stage(job.job_id, job.model, stage, seconds)
+            return _encoded(self, state, job, results)
 
 
 def _already_ran(task: Task, state: State, job: SeriesJob) -> str | None:
