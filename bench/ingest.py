@@ -6,7 +6,10 @@ storage before each measurement, and prints a markdown table: instances per seco
 ratios of pacsai to the others, and the receivers' CPU time per instance (utime + stime of the receiver's process
 tree from /proc, between the first association's start and the last one's end).
 
-    .venv/bin/python bench/ingest.py [--repeats 3] [--quick]
+    .venv/bin/python bench/ingest.py [--repeats 3] [--quick] [--with-polling] [--baseline DIR]
+
+`--baseline DIR` adds the node of another checkout as a fifth column, measured in the same run (this host's speed
+moves between runs, so a before/after is only fair side by side): `git worktree add /tmp/before <commit>`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tests.services import (  # noqa: E402
 CALLING_AE = "BENCHSCU"
 RECEIVERS = ("storescp", "Orthanc", "pacsai")
 POLLING = "pacsai polling"  # --with-polling: the node with PACSAI_PROMPT_WAKE=false (pynetdicom's 1 ms polling)
+BASELINE = "pacsai before"  # --baseline DIR: the node of another checkout (a git worktree of an earlier commit)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -88,8 +92,8 @@ def tree_cpu_s(root: int) -> float:
     return total / CLOCK_TICKS
 
 
-def start_receiver(name: str, workdir: Path) -> Receiver:
-    """Start one receiver on free loopback ports, storing under `workdir` (empty)."""
+def start_receiver(name: str, workdir: Path, baseline: Path | None = None) -> Receiver:
+    """Start one receiver on free loopback ports, storing under `workdir` (empty); `baseline`: BASELINE's code."""
     if name == "storescp":
         process, port, received = start_storescp(workdir, ae_title="STORESCP")
         return Receiver(name, process, "STORESCP", port, lambda: sum(1 for _ in received.iterdir()))
@@ -114,7 +118,7 @@ def start_receiver(name: str, workdir: Path) -> Receiver:
         PACSAI_LOG_LEVEL="WARNING",
         PACSAI_PROMPT_WAKE="false" if name == POLLING else "true",
     )
-    process = start_pacsai("node", workdir, env)
+    process = start_pacsai("node", workdir, env, repo=baseline if name == BASELINE and baseline else REPO)
 
     def pacsai_count() -> int:
         state = State(workdir / "data" / "pacsai.db")
@@ -164,7 +168,12 @@ def split(paths: Sequence[Path], parts: int) -> list[list[Path]]:
 
 
 def measure(
-    files: Sequence[Path], associations: int, repeats: int, workdir: Path, names: Sequence[str] = RECEIVERS
+    files: Sequence[Path],
+    associations: int,
+    repeats: int,
+    workdir: Path,
+    names: Sequence[str] = RECEIVERS,
+    baseline: Path | None = None,
 ) -> dict[str, list[Sample]]:
     """Every receiver started fresh for each repeat (empty storage), the order rotated between repeats."""
     samples: dict[str, list[Sample]] = {name: [] for name in names}
@@ -173,7 +182,7 @@ def measure(
         receivers: list[Receiver] = []
         try:
             for name in names:  # inside the try: a receiver that fails to start stops those already running
-                receivers.append(start_receiver(name, run_dir / name))
+                receivers.append(start_receiver(name, run_dir / name, baseline))
             time.sleep(1.0)  # let start-up work (peer checks, recovery scans) settle
             turn = repeat % len(receivers)
             for receiver in receivers[turn:] + receivers[:turn]:
@@ -223,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--with-polling", action="store_true", help=f"also '{POLLING}': the node with PACSAI_PROMPT_WAKE=false"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help=f"also '{BASELINE}': the node from the checkout in DIR (e.g. git worktree add DIR <earlier commit>)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
@@ -236,11 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.small_count > 0:
             small = write_small(workdir / "small", count=args.small_count)
             datasets.append((f"{len(small)} small instances ({small[0].stat().st_size / 1e3:.0f} KB)", small))
-        names = (*RECEIVERS, POLLING) if args.with_polling else RECEIVERS
+        names = (*RECEIVERS, *([POLLING] if args.with_polling else []), *([BASELINE] if args.baseline else []))
         lines = []
         for label, files in datasets:
             for associations in args.associations:
-                samples = measure(files, associations, args.repeats, workdir, names)
+                samples = measure(files, associations, args.repeats, workdir, names, args.baseline)
                 lines.append(row(label, associations, samples))
                 print(lines[-1], file=sys.stderr, flush=True)
         print(

@@ -260,13 +260,14 @@ def run_cli(*args: str, env: Mapping[str, str], timeout_s: float = 60) -> subpro
     )
 
 
-def start_pacsai(command: str, workdir: Path, env: Mapping[str, str]) -> Process:
-    """Start `pacsai node`, `pacsai worker` or `pacsai run` as a process with the given PACSAI_* environment."""
+def start_pacsai(command: str, workdir: Path, env: Mapping[str, str], *, repo: Path = REPO) -> Process:
+    """Start `pacsai node`, `pacsai worker` or `pacsai run` as a process with the given PACSAI_* environment
+    (`repo`: the code of another checkout, e.g. a benchmark's `git worktree` of an earlier commit)."""
     proc = spawn(
         f"pacsai-{command}",
         [sys.executable, "-m", "worker.cli", command],
         workdir,
-        {**env, "PYTHONPATH": str(REPO)},
+        {**env, "PYTHONPATH": str(repo)},
     )
     if command in ("node", "run"):
         port = int(env["PACSAI_PORT"])
