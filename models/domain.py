@@ -164,13 +164,18 @@ def _date(value: str) -> date | None:
 
 
 def _spacing(ds: Dataset) -> tuple[float, float] | None:
-    """PixelSpacing, else ImagerPixelSpacing, else the enhanced multi-frame shared pixel measures; None if unusable."""
+    """PixelSpacing, else ImagerPixelSpacing, else an enhanced multi-frame's pixel measures (shared, else the first
+    frame's: a volume's frames all have the same, which loading checks); None if unusable."""
     value = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    if value is None:
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if value is not None:
+            break
         try:
-            value = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+            value = getattr(ds, groups)[0].PixelMeasuresSequence[0].PixelSpacing
         except (AttributeError, IndexError):
-            return None
+            value = None
+    if value is None:
+        return None
     try:
         rows, columns = (float(v) for v in value)
     except (TypeError, ValueError):

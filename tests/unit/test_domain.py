@@ -161,3 +161,22 @@ def test_an_enhanced_multiframe_spacing_is_read_from_the_shared_groups() -> None
     header = series_header([_ds(Modality="CT", Rows=512, Columns=512, SharedFunctionalGroupsSequence=[shared])])
     assert header.pixel_spacing_mm == (0.8, 0.8)
     assert series_header([_ds(Modality="CT", PixelSpacing=[0, 1])]).pixel_spacing_mm is None
+
+
+def test_an_enhanced_multiframe_spacing_given_per_frame_only_is_read_from_the_first_frame() -> None:
+    frames = [_ds(PixelMeasuresSequence=[_ds(PixelSpacing=[0.5, 0.6])]) for _ in range(3)]
+    shared = _ds(PlaneOrientationSequence=[_ds(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])])  # no pixel measures
+    header = series_header(
+        [
+            _ds(
+                Modality="MR",
+                Rows=256,
+                Columns=256,
+                NumberOfFrames=3,
+                SharedFunctionalGroupsSequence=[shared],
+                PerFrameFunctionalGroupsSequence=frames,
+            )
+        ]
+    )
+    assert header.pixel_spacing_mm == (0.5, 0.6)
+    assert header.field_of_view_mm == pytest.approx(max(256 * 0.5, 256 * 0.6))
