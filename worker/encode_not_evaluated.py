@@ -15,12 +15,8 @@ from pydicom.sr.codedict import codes
 from models.spec import ModelSpec
 from worker.encode_seg import (
     DISCLAIMER,
-    MANUFACTURER,
-    clip_lo,
-    declare_charset,
-    device_serial_number,
 )
-from worker.encode_sr import SR_SERIES_NUMBER, _algorithm, _device
+from worker.encode_sr import _algorithm, _device, sr_document
 from worker.image_library import with_library
 from worker.uids import derive_uid
 
@@ -50,23 +46,15 @@ def encode_not_evaluated_sr(
         imaging_measurements=[group],
     )
     with_library(report, sources)  # OHIF's SR loader (3.10/3.11) throws on a report without an Image Library
-    return declare_charset(
-        hd.sr.Comprehensive3DSR(
-            evidence=list(sources),
-            content=report,
-            series_instance_uid=uids["sr_series"],
-            series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=uids["sr_instance"],
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            series_description=not_evaluated_description(spec.name, revision),
-            manufacturer_model_name=clip_lo(spec.name),
-            software_versions=clip_lo(software_version),
-            device_serial_number=device_serial_number(spec),
-        )
+    return sr_document(
+        report,
+        sources,
+        spec,
+        uids,
+        software_version,
+        revision,
+        None,
+        description=not_evaluated_description(spec.name, revision),
     )
 
 

@@ -140,7 +140,7 @@ def encode_sr(
         imaging_measurements=groups,
     )
     evidence = [*volume.datasets, *([] if seg is None else [seg])]
-    sr = _document(report, evidence, spec, uids, software_version, revision, predecessor)
+    sr = sr_document(report, evidence, spec, uids, software_version, revision, predecessor)
     # The Image Library goes in once the document is built: highdicom deep-copies, parses and searches the content
     # it is given, which for one entry per source image costs seconds. The document's ContentSequence is the report's
     # own (highdicom keeps its elements), so the library lands in the written dataset; its text is ASCII.
@@ -290,7 +290,7 @@ def encode_classification_sr(
         imaging_measurements=[group],
     )
     with_library(report, [source])
-    return written_as_built(_document(report, [source], spec, uids, software_version, revision, predecessor))
+    return written_as_built(sr_document(report, [source], spec, uids, software_version, revision, predecessor))
 
 
 def _classification_group(
@@ -344,7 +344,7 @@ def written_as_built(sr: hd.sr.Comprehensive3DSR) -> hd.sr.Comprehensive3DSR:
     return sr
 
 
-def _document(
+def sr_document(
     report: hd.sr.MeasurementReport,
     evidence: Sequence[Dataset],
     spec: ModelSpec,
@@ -352,8 +352,11 @@ def _document(
     software_version: str,
     revision: int,
     predecessor: Dataset | None,
+    *,
+    description: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The Comprehensive 3D SR around a report: preliminary, unverified machine output of the model as device."""
+    """The Comprehensive 3D SR around a report: preliminary, unverified machine output of the model as device
+    (`description`: the series description, else the model's result SR's)."""
     return declare_charset(
         hd.sr.Comprehensive3DSR(
             evidence=list(evidence),
@@ -366,7 +369,7 @@ def _document(
             is_complete=True,
             is_final=False,
             is_verified=False,  # unverified machine output: PRELIMINARY
-            series_description=disclaimed(f"AI {spec.name} {spec.version} {revised('SR', revision)}"),
+            series_description=description or disclaimed(f"AI {spec.name} {spec.version} {revised('SR', revision)}"),
             manufacturer_model_name=clip_lo(spec.name),
             software_versions=clip_lo(software_version),
             device_serial_number=device_serial_number(spec),
