@@ -260,6 +260,35 @@ def run_cli(*args: str, env: Mapping[str, str], timeout_s: float = 60) -> subpro
     )
 
 
+def status_counts(env: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """`pacsai status --json`: counts by table and state."""
+    run = run_cli("status", "--json", env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    counts: dict[str, dict[str, int]] = json.loads(run.stdout)
+    return counts
+
+
+def send_folder(port: int, folder: Path, *, calling: str = "STORESCU", called: str = "PACSAI") -> None:
+    """dcmtk storescu: every file under `folder` in one association (proposing what each file is)."""
+    subprocess.run(
+        ["storescu", "-xv", "-aet", calling, "-aec", called, "+sd", "127.0.0.1", str(port), str(folder)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+
+
+def files_arrived(inbox: Path, count: int, timeout_s: float = 300) -> list[Path]:
+    """Wait until `inbox` (a storescp's folder) holds at least `count` files; return them."""
+
+    def arrived() -> list[Path]:
+        files = [p for p in inbox.iterdir() if p.is_file()]
+        return files if len(files) >= count else []
+
+    found: list[Path] = wait_until(arrived, timeout_s, f"{count} files at storescp", 1.0)
+    return found
+
+
 def start_pacsai(command: str, workdir: Path, env: Mapping[str, str], *, repo: Path = REPO) -> Process:
     """Start `pacsai node`, `pacsai worker` or `pacsai run` as a process with the given PACSAI_* environment
     (`repo`: the code of another checkout, e.g. a benchmark's `git worktree` of an earlier commit)."""

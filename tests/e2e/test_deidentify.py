@@ -22,9 +22,10 @@ from tests.conftest import IN_CI, need
 from tests.services import (
     REPO,
     Process,
+    files_arrived,
+    send_folder,
     spawn,
     start_storescp,
-    wait_until,
 )
 from tests.stack import Stack
 
@@ -103,18 +104,8 @@ def test_remote_model_sees_only_a_deidentified_copy(
     # on the node's host: delivery, and only a model no rule sends this CT to (it never takes the CT job)
     local = pacsai.start("worker", PACSAI_WORKER_MODELS="cxr-pneumonia")
     remote = pacsai.adopt(start_remote_worker(node_data, tmp_path, env))
-    subprocess.run(
-        ["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "+sd", "127.0.0.1", str(port), str(source)],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-
-    def arrived() -> list[Path]:
-        files = [p for p in received.iterdir() if p.is_file()]
-        return files if len(files) >= 2 else []
-
-    files = wait_until(arrived, 300, "SEG and SR at storescp", 1.0)
+    send_folder(port, source)
+    files = files_arrived(received, 2)  # SEG and SR
     assert "job encoded" in remote.log() and "job encoded" not in local.log()
 
     # what the remote worker read: a de-identified copy, under spool/deid only

@@ -10,10 +10,8 @@ name under the data directory.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from tests.services import (
     require_binary,
     spawn,
     start_storescp,
+    status_counts,
     wait_until,
 )
 from tests.stack import Stack
@@ -160,19 +159,8 @@ def test_canary_through_every_error_path_leaks_nowhere(
     storescu("DOWNPACS", port, tmp_path / "undeliverable")  # delivery fails: job dead
     storescu("GOODPACS", port, canary)  # success, delivered
 
-    def counts() -> dict[str, dict[str, int]]:
-        run = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "status", "--json"],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        result: dict[str, dict[str, int]] = json.loads(run.stdout)
-        return result
-
     def settled() -> dict[str, dict[str, int]] | None:
-        now = counts()
+        now = status_counts(env)
         done = now["jobs"] == {"delivered": 1, "failed": 1, "dead": 1}
         return now if done and now["series"].get("purged") == 3 else None
 

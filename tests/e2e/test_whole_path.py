@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -26,10 +22,13 @@ from tests.model_domains import content_items, finding_free
 from tests.services import (
     Orthanc,
     Process,
+    files_arrived,
     free_port,
     redis_dump,
+    send_folder,
     start_orthanc,
     start_storescp,
+    status_counts,
     wait_until,
 )
 from tests.stack import Stack
@@ -104,18 +103,8 @@ def test_storescu_to_node_to_storescp(
     port = pacsai.port
     pacsai.start("node")
     pacsai.start("worker")
-    subprocess.run(
-        ["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "+sd", "127.0.0.1", str(port), str(source)],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-
-    def arrived() -> list[Path]:
-        files = [p for p in received.iterdir() if p.is_file()]
-        return files if len(files) >= 2 else []
-
-    files = wait_until(arrived, 300, "SEG and SR at storescp", 1.0)
+    send_folder(port, source)
+    files = files_arrived(received, 2)  # SEG and SR
     by_modality = {dcmread(p, stop_before_pixels=True).Modality: p for p in files}
     assert sorted(by_modality) == ["SEG", "SR"]
     check_seg_and_sr(by_modality["SEG"], by_modality["SR"], source)
@@ -140,28 +129,12 @@ def test_results_wait_for_a_pacs_that_is_down(tmp_path: Path, ct_series: Path, s
     pacsai = stack(peers=f"STORESCU@127.0.0.1:{pacs_port}")  # on-disk queue
     port, env = pacsai.port, pacsai.env
     run = pacsai.start("run")
-    subprocess.run(
-        ["storescu", "-xv", "-aet", "STORESCU", "-aec", "PACSAI", "+sd", "127.0.0.1", str(port), str(ct_series)],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
+    send_folder(port, ct_series)
     wait_until(lambda: "retrying in" in run.log(), 300, "a failed delivery attempt", 1.0)
     storescp, _, received = start_storescp(tmp_path / "pacs", ae_title="STORESCU", port=pacs_port)
     pacsai.adopt(storescp)
 
-    def status() -> dict[str, dict[str, int]]:
-        run = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "status", "--json"],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        counts: dict[str, dict[str, int]] = json.loads(run.stdout)
-        return counts
-
-    counts = wait_until(lambda: (c := status())["jobs"] == {"delivered": 1} and c, 120, "delivered", 1.0)
+    counts = wait_until(lambda: (c := status_counts(env))["jobs"] == {"delivered": 1} and c, 120, "delivered", 1.0)
     assert counts["deliveries"] == {"success": 2}
     assert sorted(dcmread(p).Modality for p in received.iterdir() if p.is_file()) == ["SEG", "SR"]
     transfers = [
