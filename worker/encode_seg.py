@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from models.spec import Code, Label, ModelSpec
 from pacsai.errors import ModelError, PacsaiError
+from worker import iod_lookups
 from worker.load_volume import TEXT_VRS, text_values
 from worker.uids import derive_uid
 from worker.volume import Volume
@@ -25,6 +26,7 @@ SEG_SERIES_NUMBER = 9901
 _LO_MAX = 64  # DICOM LO value length
 DISCLAIMER = " - not for diagnosis"
 _Result = TypeVar("_Result", bound=Dataset)
+iod_lookups.install()  # highdicom asks each source image's IOD the same question (worker/iod_lookups.py)
 
 
 class NothingFound(PacsaiError):
