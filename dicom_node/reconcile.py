@@ -24,7 +24,7 @@ from pacsai.errors import Resource
 from pacsai.jobs import Delivery, JobState, SeriesJob, SeriesState
 from pacsai.settings import Settings
 from pacsai.state import JobRow, State
-from pacsai.storage import Spool
+from pacsai.storage import Spool, SpooledInstance
 
 log = logging.getLogger(__name__)
 ALERT_EVERY_S = 60.0  # an ALERT per resource at most this often while jobs wait for it
@@ -172,10 +172,7 @@ def recover_spool(state: State, spool: Spool) -> int:
             shutil.move(path, quarantine / path.name)
             continue
         state.record_instance(
-            sop_key=sop_key,
-            series_key=series_key,
-            study_key=study_key,
-            path=relative,
+            SpooledInstance(study_key, series_key, sop_key, relative),
             calling_ae=state.calling_ae_of(series_key),
             called_ae="",
             header=header,

@@ -152,10 +152,7 @@ def _put(
     try:
         stored = spool.put_file(read.study_uid, series, read.sop_instance_uid, path, digest=digest)
         state.record_instance(
-            sop_key=stored.sop_key,
-            series_key=stored.series_key,
-            study_key=stored.study_key,
-            path=stored.path,
+            stored,
             calling_ae=sender.calling,
             called_ae=sender.called,
             header=header,

@@ -12,6 +12,7 @@ from pacsai.db import Connection, Database
 from pacsai.group_commit import GroupCommit
 from pacsai.job_table import JobRow, transition
 from pacsai.jobs import ENDED_JOB_STATES, SERIES_TRANSITIONS, JobState, SeriesJob, SeriesState, check_transition
+from pacsai.storage import SpooledInstance
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +62,23 @@ class SeriesTable(Database):
     """The node's side: record instances, track series until complete, close them into pending jobs."""
 
     def record_instance(
-        self,
-        *,
-        sop_key: str,
-        series_key: str,
-        study_key: str,
-        path: str,
-        calling_ae: str,
-        called_ae: str,
-        header: dict[str, Any],
+        self, stored: SpooledInstance, *, calling_ae: str, called_ae: str, header: dict[str, Any]
     ) -> None:
         """Record one spooled instance and (re)open its series for completeness tracking (any state → receiving).
 
         Committed before it returns; instances recorded at the same time by other associations share the commit.
         The commit does not wait for a sync of the database's log: the spool file was synced (file and directory)
         before this, and a row a power cut takes is recorded again from it at start (reconcile.recover_spool)."""
-        row = _InstanceRow(sop_key, series_key, study_key, path, calling_ae, called_ae, json.dumps(header), time.time())
+        row = _InstanceRow(
+            stored.sop_key,
+            stored.series_key,
+            stored.study_key,
+            stored.path,
+            calling_ae,
+            called_ae,
+            json.dumps(header),
+            time.time(),
+        )
         group: GroupCommit[_InstanceRow] = self.__dict__.setdefault(  # setdefault: one per table, even when raced
             "_instance_commits", GroupCommit(self._record_instances)
         )

@@ -32,7 +32,7 @@ from pacsai.jobs import JobState, SeriesJob, SeriesState
 from pacsai.profiles import Verify
 from pacsai.settings import Peer, Settings
 from pacsai.state import State
-from pacsai.storage import Spool, outbox_for
+from pacsai.storage import Spool, SpooledInstance, outbox_for
 from tests.conftest import need
 from tests.job_paths import move_job
 from tests.services import free_port, start_orthanc
@@ -50,9 +50,7 @@ INSTANCES = [
 def delivered(database: str) -> Iterator[State]:
     """A delivered job "j" whose results went to ORTHANC."""
     state = State(database)
-    state.record_instance(
-        sop_key="i", series_key="s", study_key="t", path="t/s/i.dcm", calling_ae="PACS", called_ae="PACSAI", header={}
-    )
+    state.record_instance(SpooledInstance("t", "s", "i", "t/s/i.dcm"), calling_ae="PACS", called_ae="PACSAI", header={})
     state.close_series("s", SeriesState.COMPLETE, "", [SeriesJob("j", "t", "s", "model", "m.json", "ORTHANC")])
     move_job(state, "j", JobState.DELIVERED)
     yield state

@@ -92,10 +92,7 @@ def _spool_canary(settings: Settings, state: State, ct_series: Path) -> str:
     stored = spool.put(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
     header = {"Modality": "CT", "SOPClassUID": str(ds.SOPClassUID), "SeriesDescription": "abdomen"}
     state.record_instance(
-        sop_key=stored.sop_key,
-        series_key=stored.series_key,
-        study_key=stored.study_key,
-        path=stored.path,
+        stored,
         calling_ae="PACS",
         called_ae="PACSAI",
         header=header,

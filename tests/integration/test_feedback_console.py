@@ -15,6 +15,7 @@ from pacsai.feedback_table import FeedbackKind, FeedbackRow, SegmentAgreement
 from pacsai.jobs import JobState, SeriesState
 from pacsai.settings import Settings
 from pacsai.state import JobRow, State
+from pacsai.storage import SpooledInstance
 from tests.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def test_job_page_lists_corrections_and_rejections(tmp_path: Path) -> None:
     )
     state = State(settings.storage.database)
     state.record_instance(
-        sop_key="sop", series_key="series", study_key="study", path="study/series/sop.dcm",
+        SpooledInstance("study", "series", "sop", "study/series/sop.dcm"),
         calling_ae="PACS", called_ae="PACSAI", header={"Modality": "CT"},
     )  # fmt: skip
     row = JobRow("job1", "series", "study", "ct-organs-tiny", "m", "PACS", JobState.PENDING, "", 0)

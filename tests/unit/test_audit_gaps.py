@@ -9,6 +9,7 @@ from dicom_node.audit_gaps import audit_unrecorded, audited_since_start
 from pacsai import audit
 from pacsai.settings import Settings
 from pacsai.state import State
+from pacsai.storage import SpooledInstance
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -16,10 +17,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 def _record(state: State, study: str, series: str, count: int) -> None:
     for index in range(count):
         state.record_instance(
-            sop_key=f"{series}-{index}",
-            series_key=series,
-            study_key=study,
-            path=f"{study}/{series}/{index}.dcm",
+            SpooledInstance(study, series, f"{series}-{index}", f"{study}/{series}/{index}.dcm"),
             calling_ae="MODALITY",
             called_ae="PACSAI",
             header={"Modality": "CT", "SOPClassUID": CT},

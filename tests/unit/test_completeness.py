@@ -34,10 +34,7 @@ def test_release_plus_grace() -> None:
 def _record(state: State, spool: Spool, sop: str, series: str, calling: str, header: dict[str, str]) -> None:
     stored = spool.put("1.2.3", series, sop, b"DICM")
     state.record_instance(
-        sop_key=stored.sop_key,
-        series_key=stored.series_key,
-        study_key=stored.study_key,
-        path=stored.path,
+        stored,
         calling_ae=calling,
         called_ae="PACSAI",
         header=header,

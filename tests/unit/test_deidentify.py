@@ -208,10 +208,7 @@ def _spool_series(state: State, spool: Spool, folder: Path) -> None:
         ds = dcmread(path, stop_before_pixels=True)
         stored = spool.put(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
         state.record_instance(
-            sop_key=stored.sop_key,
-            series_key=stored.series_key,
-            study_key=stored.study_key,
-            path=stored.path,
+            stored,
             calling_ae="ORTHANC",
             called_ae="PACSAI",
             header={"Modality": str(ds.Modality), "SOPClassUID": str(ds.SOPClassUID)},

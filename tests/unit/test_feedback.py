@@ -221,8 +221,7 @@ def test_retention_drops_kept_seg_files_and_keeps_the_numbers(tmp_path: Path, so
         ds.save_as(buffer := BytesIO(), enforce_file_format=True)
         uids = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         stored = spool.put(*uids, buffer.getvalue())
-        state.record_instance(sop_key=stored.sop_key, series_key=stored.series_key, study_key=stored.study_key,
-                              path=stored.path, calling_ae="PACS", called_ae="PACSAI", header={})  # fmt: skip
+        state.record_instance(stored, calling_ae="PACS", called_ae="PACSAI", header={})  # fmt: skip
     state.close_series(stored.series_key, SeriesState.COMPLETE, "", [])
     _, theirs = _pair(sources)
     feedback.take(settings, state, spool, *_returned(spool, theirs))

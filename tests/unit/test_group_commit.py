@@ -12,6 +12,7 @@ import pytest
 
 from pacsai.group_commit import GroupCommit
 from pacsai.state import State
+from pacsai.storage import SpooledInstance
 
 
 def test_rows_waiting_while_a_commit_runs_are_written_together() -> None:
@@ -51,10 +52,7 @@ def test_instances_recorded_from_many_threads_are_all_there(tmp_path: Path) -> N
 
     def record(n: int) -> None:
         state.record_instance(
-            sop_key=f"sop{n}",
-            series_key=f"series{n % 2}",
-            study_key="study",
-            path=f"study/series{n % 2}/sop{n}.dcm",
+            SpooledInstance("study", f"series{n % 2}", f"sop{n}", f"study/series{n % 2}/sop{n}.dcm"),
             calling_ae="SCU",
             called_ae="PACSAI",
             header={"Modality": "CT"},

@@ -294,10 +294,7 @@ def test_study_mix_becomes_one_job_for_the_axial_series(philips_series: dict[str
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             stored = spool.put(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
             state.record_instance(
-                sop_key=stored.sop_key,
-                series_key=stored.series_key,
-                study_key=stored.study_key,
-                path=stored.path,
+                stored,
                 calling_ae="ORTHANC",
                 called_ae="PACSAI",
                 header=header_of(ds),

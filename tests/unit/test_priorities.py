@@ -15,6 +15,7 @@ from pacsai.errors import ConfigError
 from pacsai.jobs import JobState, Priority, SeriesJob, SeriesState
 from pacsai.settings import QueueSettings, Settings
 from pacsai.state import State
+from pacsai.storage import SpooledInstance
 from tests.job_paths import move_job
 
 RULES = parse_rules(
@@ -71,9 +72,7 @@ def test_each_priority_has_its_queue_and_workers_take_stat_first() -> None:
 
 
 def _pending(state: State, job_id: str, model: str, priority: Priority) -> None:
-    state.record_instance(
-        sop_key=job_id, series_key=job_id, study_key="t", path="p", calling_ae="A", called_ae="B", header={}
-    )
+    state.record_instance(SpooledInstance("t", job_id, job_id, "p"), calling_ae="A", called_ae="B", header={})
     state.close_series(
         job_id, SeriesState.COMPLETE, "", [SeriesJob(job_id, "t", job_id, model, "m", "A", priority=priority)]
     )

@@ -29,10 +29,7 @@ def add_job(state: State, spool: Spool, job_id: str, job_state: JobState, *, man
         (spool.root / "manifest").write_text("{}")
     stored = spool.put("1.2.3", f"1.2.3.{job_id}", f"1.2.3.{job_id}.1", b"DICM")
     state.record_instance(
-        sop_key=stored.sop_key,
-        series_key=stored.series_key,
-        study_key=stored.study_key,
-        path=stored.path,
+        stored,
         calling_ae="PACS",
         called_ae="PACSAI",
         header={},
@@ -114,10 +111,7 @@ def test_instance_rows_commit_without_a_log_sync_and_a_lost_one_is_recorded_agai
     ds = dcmread(source, stop_before_pixels=True)
     stored = spool.put(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), source.read_bytes())
     state.record_instance(
-        sop_key=stored.sop_key,
-        series_key=stored.series_key,
-        study_key=stored.study_key,
-        path=stored.path,
+        stored,
         calling_ae="MODALITY",
         called_ae="PACSAI",
         header={"Modality": "CT"},

@@ -19,14 +19,13 @@ from pacsai.jobs import (
     SeriesState,
 )
 from pacsai.state import State
+from pacsai.storage import SpooledInstance
 from tests.job_paths import move_job, path_between
 
 
 def _state_with_job(tmp_path: Path, start: JobState) -> State:
     state = State(tmp_path / "pacsai.db")
-    state.record_instance(
-        sop_key="i", series_key="s", study_key="t", path="t/s/i.dcm", calling_ae="PACS", called_ae="PACSAI", header={}
-    )
+    state.record_instance(SpooledInstance("t", "s", "i", "t/s/i.dcm"), calling_ae="PACS", called_ae="PACSAI", header={})
     state.close_series("s", SeriesState.COMPLETE, "", [SeriesJob("j", "t", "s", "model", "m.json", "PACS")])
     move_job(state, "j", start)
     return state
@@ -59,9 +58,7 @@ def test_job_transition(tmp_path: Path, old: JobState, new: JobState) -> None:
 @pytest.mark.parametrize(("old", "new"), list(itertools.product(SeriesState, SeriesState)), ids=lambda s: s.value)
 def test_series_transition(tmp_path: Path, old: SeriesState, new: SeriesState) -> None:
     state = State(tmp_path / "pacsai.db")
-    state.record_instance(
-        sop_key="i", series_key="s", study_key="t", path="t/s/i.dcm", calling_ae="PACS", called_ae="PACSAI", header={}
-    )
+    state.record_instance(SpooledInstance("t", "s", "i", "t/s/i.dcm"), calling_ae="PACS", called_ae="PACSAI", header={})
     if old is not SeriesState.RECEIVING:
         via = SeriesState.COMPLETE if old is SeriesState.PURGED else old
         state.close_series("s", via, "", [])
@@ -100,7 +97,7 @@ def test_an_unknown_delivery_status_is_refused(tmp_path: Path) -> None:
 def test_a_dead_job_of_a_series_sent_again_starts_afresh(tmp_path: Path) -> None:
     state = _state_with_job(tmp_path, JobState.DEAD)
     state.record_instance(  # the same instance again re-opens the series
-        sop_key="i", series_key="s", study_key="t", path="t/s/i.dcm", calling_ae="PACS", called_ae="PACSAI", header={}
+        SpooledInstance("t", "s", "i", "t/s/i.dcm"), calling_ae="PACS", called_ae="PACSAI", header={}
     )
     job = SeriesJob("j", "t", "s", "model", "m.json", "PACS")
     assert state.close_series("s", SeriesState.COMPLETE, "", [job]) == ["j"]

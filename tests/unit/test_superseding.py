@@ -42,10 +42,7 @@ def receive(state: State, spool: Spool, files: list[tuple[int, Path]]) -> None:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{ROOT}.3.{index + 1}")
         stored = spool.put(STUDY, SERIES, ds.SOPInstanceUID, to_bytes(ds))
         state.record_instance(
-            sop_key=stored.sop_key,
-            series_key=stored.series_key,
-            study_key=stored.study_key,
-            path=stored.path,
+            stored,
             calling_ae="ORTHANC",
             called_ae="PACSAI",
             header=CT_HEADER,
