@@ -13,10 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from models.spec import ModelSpec
-from worker.encode_seg import (
-    DISCLAIMER,
-)
-from worker.encode_sr import _algorithm, _device, sr_document
+from worker.encode_seg import DISCLAIMER, LO_MAX
+from worker.encode_sr import _algorithm, measurement_report, sr_document
 from worker.image_library import with_library
 from worker.uids import derive_uid
 
@@ -24,7 +22,6 @@ SCHEME = "99PACSAI"
 NOT_EVALUATED = hd.sr.CodedConcept(value="NOT-EVALUATED", scheme_designator=SCHEME, meaning="Not evaluated by model")
 OOD_SCORE = hd.sr.CodedConcept(value="OOD-SCORE", scheme_designator=SCHEME, meaning="OOD score")
 OOD_THRESHOLD = hd.sr.CodedConcept(value="OOD-THRESHOLD", scheme_designator=SCHEME, meaning="OOD score threshold")
-_LO_MAX = 64  # DICOM LO value length
 _NO_UNITS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 
 
@@ -40,11 +37,7 @@ def encode_not_evaluated_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """The refusal report for a series (`sources`: its image headers); uids needs "sr_series" and "sr_instance"."""
     group = _refusal_group(sources, reason, ood, spec, uids)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_device(spec)),
-        procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=[group],
-    )
+    report = measurement_report(spec, codes.SCT.ImagingProcedure, [group])
     with_library(report, sources)  # OHIF's SR loader (3.10/3.11) throws on a report without an Image Library
     return sr_document(
         report,
@@ -62,7 +55,7 @@ def not_evaluated_description(name: str, revision: int = 1) -> str:
     """ "AI <model> not evaluated - not for diagnosis" ("... v2" for a later revision) within one LO value: a long
     model name is shortened with "...", never the words "not evaluated" nor the disclaimer."""
     tail = " not evaluated" + (f" v{revision}" if revision > 1 else "") + DISCLAIMER
-    room = _LO_MAX - len("AI ") - len(tail)
+    room = LO_MAX - len("AI ") - len(tail)
     shown = name if len(name) <= room else name[: room - 3] + "..."
     return f"AI {shown}{tail}"
 

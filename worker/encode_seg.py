@@ -23,7 +23,7 @@ from worker.volume import Volume
 
 MANUFACTURER = "pacsai"
 SEG_SERIES_NUMBER = 9901
-_LO_MAX = 64  # DICOM LO value length
+LO_MAX = 64  # DICOM LO value length
 DISCLAIMER = " - not for diagnosis"
 _Result = TypeVar("_Result", bound=Dataset)
 iod_lookups.install()  # highdicom asks each source image's IOD the same question (worker/iod_lookups.py)
@@ -196,7 +196,7 @@ def tracking_uid(uids: Mapping[str, str], label: Label) -> str:
 def content_creator(spec: ModelSpec) -> str:
     """ContentCreatorName (type 2, which dcmqi warns about when empty): the model as a person name, PACSAI^<model>."""
     model = "".join(" " if char in "^=\\" else char for char in spec.name)  # PN delimiters
-    return f"{MANUFACTURER.upper()}^{model}"[:_LO_MAX]  # one component group holds 64 characters
+    return f"{MANUFACTURER.upper()}^{model}"[:LO_MAX]  # one component group holds 64 characters
 
 
 def device_serial_number(spec: ModelSpec) -> str:
@@ -239,12 +239,12 @@ def _describe(labels: Sequence[Label], spec: ModelSpec, uids: Mapping[str, str])
 
 def clip_lo(text: str) -> str:
     """Cut text to the 64 characters a DICOM LO value may hold."""
-    return text[:_LO_MAX]
+    return text[:LO_MAX]
 
 
 def disclaimed(text: str) -> str:
     """text + " - not for diagnosis" within one LO value: a long text is cut, never the disclaimer."""
-    return text[: _LO_MAX - len(DISCLAIMER)] + DISCLAIMER
+    return text[: LO_MAX - len(DISCLAIMER)] + DISCLAIMER
 
 
 def revised(what: str, revision: int) -> str:

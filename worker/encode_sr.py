@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
 from models.spec import Label, ModelSpec
@@ -134,11 +135,7 @@ def encode_sr(
     if ood is not None:  # the model's OOD score and threshold (worker/screen.py)
         groups.append(ood_group(ood, volume.datasets[0], spec, uids))
     modality = str(volume.datasets[0].Modality)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_device(spec)),
-        procedure_reported=_PROCEDURES.get(modality, codes.SCT.ImagingProcedure),
-        imaging_measurements=groups,
-    )
+    report = measurement_report(spec, _PROCEDURES.get(modality, codes.SCT.ImagingProcedure), groups)
     evidence = [*volume.datasets, *([] if seg is None else [seg])]
     sr = sr_document(report, evidence, spec, uids, software_version, revision, predecessor)
     # The Image Library goes in once the document is built: highdicom deep-copies, parses and searches the content
@@ -284,10 +281,8 @@ def encode_classification_sr(
     `revision` and `predecessor` as for encode_sr.
     """
     group = _classification_group(source, result, spec, uids, ood)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_device(spec)),
-        procedure_reported=_RADIOGRAPHY.get(str(source.get("Modality", "")), codes.SCT.ImagingProcedure),
-        imaging_measurements=[group],
+    report = measurement_report(
+        spec, _RADIOGRAPHY.get(str(source.get("Modality", "")), codes.SCT.ImagingProcedure), [group]
     )
     with_library(report, [source])
     return written_as_built(sr_document(report, [source], spec, uids, software_version, revision, predecessor))
@@ -342,6 +337,21 @@ def written_as_built(sr: hd.sr.Comprehensive3DSR) -> hd.sr.Comprehensive3DSR:
         ds.set_original_encoding(False, True, ds._character_set)  # what pydicom's write_dataset compares
         stack += (item for element in ds.values() if element.VR == "SQ" for item in cast(list[Dataset], element.value))
     return sr
+
+
+def measurement_report(
+    spec: ModelSpec,
+    procedure: hd.sr.CodedConcept | Code,
+    groups: Sequence[
+        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ],
+) -> hd.sr.MeasurementReport:
+    """TID 1500 with the model as observer device, for `procedure`, holding `groups`."""
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=_device(spec)),
+        procedure_reported=procedure,
+        imaging_measurements=groups,
+    )
 
 
 def sr_document(
