@@ -6,7 +6,7 @@ storage before each measurement, and prints a markdown table: instances per seco
 ratios of pacsai to the others, and the receivers' CPU time per instance (utime + stime of the receiver's process
 tree from /proc, between the first association's start and the last one's end).
 
-    .venv/bin/python bench/ingest.py [--repeats 3] [--quick] [--with-polling] [--baseline DIR]
+    .venv/bin/python bench/ingest.py [--repeats 3] [--quick] [--with-polling] [--receivers N ...] [--baseline DIR]
 
 `--baseline DIR` adds the node of another checkout as a fifth column, measured in the same run (this host's speed
 moves between runs, so a before/after is only fair side by side): `git worktree add /tmp/before <commit>`.
@@ -45,6 +45,7 @@ from tests.services import (  # noqa: E402
 CALLING_AE = "BENCHSCU"
 RECEIVERS = ("storescp", "Orthanc", "pacsai")
 POLLING = "pacsai polling"  # --with-polling: the node with PACSAI_PROMPT_WAKE=false (pynetdicom's 1 ms polling)
+SEVERAL = "pacsai ×{}"  # --receivers N: the node with PACSAI_RECEIVERS=N (N processes share the port)
 BASELINE = "pacsai before"  # --baseline DIR: the node of another checkout (a git worktree of an earlier commit)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -117,6 +118,7 @@ def start_receiver(name: str, workdir: Path, baseline: Path | None = None) -> Re
         PACSAI_QUIET_PERIOD_S="10",
         PACSAI_LOG_LEVEL="WARNING",
         PACSAI_PROMPT_WAKE="false" if name == POLLING else "true",
+        PACSAI_RECEIVERS=name.removeprefix(SEVERAL.format("")) if name.startswith(SEVERAL.format("")) else "1",
     )
     process = start_pacsai("node", workdir, env, repo=baseline if name == BASELINE and baseline else REPO)
 
@@ -238,6 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help=f"also '{BASELINE}': the node from the checkout in DIR (e.g. git worktree add DIR <earlier commit>)",
     )
+    parser.add_argument(
+        "--receivers",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help=f"also '{SEVERAL.format('N')}': the node with PACSAI_RECEIVERS=N (several values: one column each)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
@@ -251,7 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.small_count > 0:
             small = write_small(workdir / "small", count=args.small_count)
             datasets.append((f"{len(small)} small instances ({small[0].stat().st_size / 1e3:.0f} KB)", small))
-        names = (*RECEIVERS, *([POLLING] if args.with_polling else []), *([BASELINE] if args.baseline else []))
+        names = (
+            *RECEIVERS,
+            *(SEVERAL.format(n) for n in args.receivers),
+            *([POLLING] if args.with_polling else []),
+            *([BASELINE] if args.baseline else []),
+        )
         lines = []
         for label, files in datasets:
             for associations in args.associations:

@@ -22,6 +22,7 @@ from pynetdicom import evt
 
 from dicom_node.guard import socket_open
 from dicom_node.metrics import ASSOCIATIONS
+from dicom_node.shared_limits import SharedLimits
 from pacsai import audit
 from pacsai.audit import AuditTrail
 from pacsai.peers import Caller
@@ -147,10 +148,13 @@ def _is_tls(assoc: Any) -> bool:
 class Gatekeeper:
     """The association-level handlers: decide on EVT_REQUESTED; count, log and audit every accept and refusal."""
 
-    def __init__(self, settings: Settings, policy: AccessPolicy, trail: AuditTrail) -> None:
+    def __init__(
+        self, settings: Settings, policy: AccessPolicy, trail: AuditTrail, shared: SharedLimits | None = None
+    ) -> None:
         self._settings, self._policy, self._trail = settings, policy, trail
         self._admitted: dict[int, Any] = {}  # id(assoc) → associations that passed the check, until they close
         self._lock = threading.Lock()
+        self._shared = shared  # the other receiver processes' associations, when there are several
 
     def requested(self, event: evt.Event) -> None:
         calling, called, address = "", "", "?"
@@ -170,9 +174,11 @@ class Gatekeeper:
     def _admit(self, assoc: Any) -> AssociationRefusal | None:
         """N8: count the association against PACSAI_MAX_ASSOCIATIONS, or refuse it transient (2, 3, 2)."""
         limit = self._settings.node.max_associations
-        with self._lock:
+        with self._lock, self._shared.lock if self._shared is not None else contextlib.nullcontext():
             self._admitted = {key: other for key, other in self._admitted.items() if socket_open(other)}
-            if len(self._admitted) >= limit:
+            elsewhere = self._shared.associations_elsewhere() if self._shared is not None else 0
+            if len(self._admitted) + elsewhere >= limit:
+                self._publish()
                 return AssociationRefusal(
                     REJECTED_TRANSIENT,
                     SERVICE_PROVIDER_PRESENTATION,
@@ -180,12 +186,18 @@ class Gatekeeper:
                     f"local limit exceeded ({limit} associations open)",
                 )
             self._admitted[id(assoc)] = assoc
+            self._publish()
         return None
 
     def closed(self, event: evt.Event) -> None:
         """The connection closed: its association no longer counts."""
-        with self._lock:
+        with self._lock, self._shared.lock if self._shared is not None else contextlib.nullcontext():
             self._admitted.pop(id(event.assoc), None)
+            self._publish()
+
+    def _publish(self) -> None:
+        if self._shared is not None:
+            self._shared.publish_associations(len(self._admitted))
 
     def accepted(self, event: evt.Event) -> None:
         calling, called = requested_titles(event)

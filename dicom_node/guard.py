@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.pdu_headers import check_pdu_headers
+from dicom_node.shared_limits import SharedLimits
 
 log = logging.getLogger(__name__)
 _QUIET_S = 10.0  # the same refusal from the same address is logged once per this many seconds (with a count)
@@ -62,6 +64,8 @@ class GuardedServer(ThreadedAssociationServer):
     handshake_deadline_s = 5.0
     pdu_deadline_s = 30.0
     request_queue_size = 128  # listen backlog (socketserver's default is 5: a burst is refused by the kernel)
+    reuse_port = False  # several receiver processes bind the port (SO_REUSEPORT)
+    shared: SharedLimits | None = None  # their connections per address, when there are several
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock = threading.Lock()
@@ -78,12 +82,19 @@ class GuardedServer(ThreadedAssociationServer):
         self._watchdog = threading.Thread(target=self._watch, name="pacsai-guard", daemon=True)
         self._watchdog.start()
 
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Refuse the connection when its address holds `per_address_limit`; make room in the pending budget."""
         address, port, now = str(client_address[0]), int(client_address[1]), time.monotonic()
-        with self._lock:
+        with self._lock, self._published():
             self._forget_closed(now)
             held = sum(1 for connection in self._connections.values() if connection.address == address)
+            if self.shared is not None:  # the other receiver processes' connections from that address
+                held += self.shared.connections_elsewhere(address)
             if held >= self.per_address_limit:
                 self._warn(address, "refused", f"{held} already open from that address")
                 return False
@@ -116,7 +127,7 @@ class GuardedServer(ThreadedAssociationServer):
     def _hand_over(self, client_address: Any) -> None:
         """The lobby connection is readable: give it to pynetdicom, or forget it if the peer closed it."""
         key = (str(client_address[0]), int(client_address[1]))
-        with self._lock:
+        with self._lock, self._published():
             connection = self._connections.get(key)
             sock = self._leave_lobby(connection) if connection is not None else None
             if sock is None:
@@ -132,6 +143,20 @@ class GuardedServer(ThreadedAssociationServer):
         except Exception:  # as socketserver does when process_request fails
             self.handle_error(sock, client_address)
             self.shutdown_request(sock)
+
+    @contextlib.contextmanager
+    def _published(self) -> Iterator[None]:
+        """With several receiver processes: decide under their shared lock, then publish this process's connections
+        per address (call with the lock held). One process: nothing to do."""
+        if self.shared is None:
+            yield
+            return
+        with self.shared.lock:
+            try:
+                yield
+            finally:
+                held = Counter(connection.address for connection in self._connections.values())
+                self.shared.publish_connections(held)
 
     def _leave_lobby(self, connection: _Connection) -> socket.socket | None:
         """Take the connection's socket out of the lobby (call with the lock held); None when it was not there."""
@@ -169,7 +194,7 @@ class GuardedServer(ThreadedAssociationServer):
     def _on_close(self, event: evt.Event) -> None:
         """EOF, RST or our own close: forget the connection now; a thread still waiting for its A-ASSOCIATE-RQ ends."""
         assoc = event.assoc
-        with self._lock:
+        with self._lock, self._published():
             for key, connection in list(self._connections.items()):
                 if connection.assoc is assoc:
                     del self._connections[key]
@@ -210,7 +235,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._lobby.close()
 
     def _enforce_deadlines(self, now: float) -> None:
-        with self._lock:
+        with self._lock, self._published():
             self._forget_closed(now)
             silent = [
                 key
@@ -245,7 +270,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def _close_now(self, assoc: Any, why: str) -> None:
         log.warning("closing connection from %s: %s", assoc.requestor.address, why)
-        with self._lock:
+        with self._lock, self._published():
             for key, connection in list(self._connections.items()):
                 if connection.assoc is assoc:
                     del self._connections[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
 from collections.abc import Sequence
@@ -17,8 +18,10 @@ from dicom_node.audit_gaps import audit_unrecorded
 from dicom_node.echo_peers import watch_peers
 from dicom_node.metrics import peer_recorder, serve_metrics
 from dicom_node.receive import Associations, serve
+from dicom_node.receivers import Receivers
 from dicom_node.reconcile import Queues, purge_expired, recover_spool, requeue_lost, resume_orphaned, resume_waiting
 from dicom_node.route import Rule, load_rules
+from dicom_node.shared_limits import SharedLimits
 from dicom_node.verify_results import watch as watch_verifications
 from pacsai import audit
 from pacsai.audit import AuditTrail
@@ -38,10 +41,13 @@ class RunningNode:
     state: State
     settings: Settings
     trail: AuditTrail
+    receivers: Receivers | None = None  # receiver processes 1..N-1 beside this one (PACSAI_RECEIVERS > 1)
     peer_checks: threading.Event = field(default_factory=threading.Event)  # set: stop checking the peers
 
     def stop(self) -> None:
         self.peer_checks.set()
+        if self.receivers is not None:
+            self.receivers.stop()
         for server in self.servers:
             server.shutdown()
         self.assembler.stop()
@@ -69,13 +75,22 @@ def start_node(settings: Settings) -> RunningNode:
         purge_expired(state, spool, settings, now)
 
     associations = Associations()
+    receivers: Receivers | None = None
+    shared: SharedLimits | None = None
+    if settings.node.receivers > 1:
+        shared = SharedLimits(settings.node.receivers, multiprocessing.get_context("spawn"))
+        receivers = Receivers(settings, shared, on_released=lambda: assembler.nudge())
+
+    def open_series() -> set[str]:  # the series open associations are still sending, in every receiver process
+        return associations.open_series() | (receivers.open_series() if receivers is not None else set())
+
     assembler = Assembler(
         settings,
         state,
         spool,
         rules,
         enqueue=queues.enqueue_job,
-        open_series=associations.open_series,
+        open_series=open_series,
         maintain=maintain,
         diagnose=lambda: broker_diagnosis(app),
     )
@@ -87,11 +102,15 @@ def start_node(settings: Settings) -> RunningNode:
         state.mark_released(series_keys)
         assembler.nudge()  # complete at once when the series holds as many instances as it declares
 
-    servers = serve(settings, state, spool, associations, on_released=released, trail=trail)
+    if receivers is not None:  # they listen first: once this process listens too, new connections spread at once
+        receivers.start()
+    servers = serve(settings, state, spool, associations, on_released=released, trail=trail, shared=shared)
     if settings.node.metrics_port:
         start_metrics(settings, state, app, rules)
     assembler.start()
-    running = RunningNode(servers=tuple(servers), assembler=assembler, state=state, settings=settings, trail=trail)
+    running = RunningNode(
+        servers=tuple(servers), assembler=assembler, state=state, settings=settings, trail=trail, receivers=receivers
+    )
     if settings.delivery.peers or settings.delivery.web_peers:  # E7: C-ECHO (DICOMweb: QIDO-RS) every peer now
         watch_peers(settings, peer_recorder(state), running.peer_checks)  # in the background, and every 5 min
     watch_verifications(settings, state, spool, running.peer_checks)  # proof of delivery follow-ups (profile verify)
@@ -111,7 +130,8 @@ def prepare_data_dir(settings: Settings) -> Spool:
     spool.check_writable()  # S5: a read-only or unwritable spool stops the node here, naming the directory
     if changed := protect_tree(settings.storage.data_dir):  # folders 0700, files 0600 (data of older releases)
         log.warning("made %d file(s) and folder(s) in the data directory private to this user", changed)
-    if stream_to_disk.remove_leftovers(settings.storage.data_dir / "incoming"):
+    incoming = settings.storage.data_dir / "incoming"
+    if sum(stream_to_disk.remove_leftovers(folder) for folder in (incoming, *incoming.glob("r*"))):
         log.warning("removed partial instances of transfers cut off when the node last stopped")
     return spool
 

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom import dcmread
@@ -23,6 +24,8 @@ from dicom_node import commitment, fast_dimse, fast_recv, stream_to_disk, wake
 from dicom_node.access import AccessPolicy, Gatekeeper, requested_titles
 from dicom_node.guard import GuardedServer
 from dicom_node.metrics import INSTANCES
+from dicom_node.receivers import SharedPortServer, SharedPortTlsServer
+from dicom_node.shared_limits import SharedLimits
 from dicom_node.store_instance import Sender, store_received
 from dicom_node.store_instance import header_of as header_of  # where reconcile and tests import it
 from dicom_node.tcp import set_nodelay
@@ -49,15 +52,20 @@ class Associations:
     """Which series each open association has sent, so a release can close exactly those; and, for the audit
     trail, what it sent per study: instances stored by SOP class, instances refused."""
 
-    def __init__(self) -> None:
+    def __init__(self, changed: Callable[[set[str]], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self._changed = changed  # told the open series whenever they change (a receiver process tells the node)
         self._series: dict[int, set[str]] = {}
         self._tallies: dict[int, dict[str, tuple[dict[str, int], list[int]]]] = {}
         self._bad_commands: dict[int, dict[int, InstanceRefusal]] = {}  # id(assoc) → message ID → why its command fails
 
     def add(self, assoc: Any, series_key: str) -> None:
         with self._lock:
-            self._series.setdefault(id(assoc), set()).add(series_key)
+            series = self._series.setdefault(id(assoc), set())
+            new = series_key not in series
+            series.add(series_key)
+        if new and self._changed is not None:
+            self._changed(self.open_series())
 
     def tally(self, assoc: Any, study_key: str, sop_class: str, *, stored: bool) -> None:
         with self._lock:
@@ -78,7 +86,10 @@ class Associations:
     def pop(self, assoc: Any) -> set[str]:
         with self._lock:
             self._bad_commands.pop(id(assoc), None)
-            return self._series.pop(id(assoc), set())
+            series = self._series.pop(id(assoc), set())
+        if series and self._changed is not None:
+            self._changed(self.open_series())
+        return series
 
     def pop_tallies(self, assoc: Any) -> dict[str, tuple[dict[str, int], int]]:
         """study key ('' when the study UID was unreadable) → (stored instances by SOP class, refused count)."""
@@ -177,9 +188,16 @@ def serve(
     associations: Associations,
     on_released: Callable[[list[str]], None],
     trail: AuditTrail,
+    *,
+    shared: SharedLimits | None = None,
+    incoming: Path | None = None,
 ) -> list[ThreadedAssociationServer]:
-    """Start the SCP (plain port, TLS port, or both) in background threads; return the servers (.shutdown() stops)."""
-    gate = Gatekeeper(settings, AccessPolicy(settings), trail)
+    """Start the SCP (plain port, TLS port, or both) in background threads; return the servers (.shutdown() stops).
+
+    With several receiver processes (`shared`), the ports are bound with SO_REUSEPORT and the association and
+    per-address limits count every process's connections; `incoming` is this process's own directory of partial files.
+    """
+    gate = Gatekeeper(settings, AccessPolicy(settings), trail, shared)
     events = AssociationEvents(
         settings, associations, on_released, trail, StoreHandler(spool, state, associations, settings.log_key)
     )
@@ -197,9 +215,10 @@ def serve(
     if settings.node.prompt_wake:
         wake.install()
     stream_to_disk.stream_to_files(
-        ae, stream_to_disk.Policy(settings.storage.data_dir / "incoming", settings.node.max_instance_mb << 20)
+        ae,
+        stream_to_disk.Policy(incoming or settings.storage.data_dir / "incoming", settings.node.max_instance_mb << 20),
     )
-    servers = _start_servers(ae, settings, handlers, gate)
+    servers = _start_servers(ae, settings, handlers, gate, shared)
     log.info(
         "listening as %s on %s:%d%s",
         "/".join(settings.node.our_ae_titles),
@@ -285,25 +304,27 @@ class AssociationEvents:
 
 
 def _start_servers(
-    ae: AE, settings: Settings, handlers: list[Any], gate: Gatekeeper
+    ae: AE, settings: Settings, handlers: list[Any], gate: Gatekeeper, shared: SharedLimits | None
 ) -> list[ThreadedAssociationServer]:
     """The plain server (guarded) unless TLS only, and the TLS server when a certificate is configured."""
     context = ReloadingContext(settings) if settings.security.tls_cert is not None else None  # wrong files: stop here
     servers: list[ThreadedAssociationServer] = []
     if not settings.security.tls_only:
+        server_class = SharedPortServer if shared is not None else GuardedServer
         server = ae.make_server(
-            (settings.node.bind_host, settings.node.port), evt_handlers=handlers, server_class=GuardedServer
+            (settings.node.bind_host, settings.node.port), evt_handlers=handlers, server_class=server_class
         )
-        servers.append(_run(ae, _limited(server, settings)))
+        servers.append(_run(ae, _limited(server, settings, shared)))
     if context is not None:
+        tls_class = SharedPortTlsServer if shared is not None else TlsServer
         tls_server = cast(
             TlsServer,
             ae.make_server(
-                (settings.node.bind_host, settings.security.tls_port), evt_handlers=handlers, server_class=TlsServer
+                (settings.node.bind_host, settings.security.tls_port), evt_handlers=handlers, server_class=tls_class
             ),
         )
         tls_server.tls, tls_server.on_refused = context, gate.tls_refused
-        servers.append(_run(ae, _limited(tls_server, settings)))
+        servers.append(_run(ae, _limited(tls_server, settings, shared)))
         log.info(
             "DICOM over TLS on %s:%d%s",
             settings.node.bind_host,
@@ -313,11 +334,14 @@ def _start_servers(
     return servers
 
 
-def _limited(server: ThreadedAssociationServer, settings: Settings) -> ThreadedAssociationServer:
+def _limited(
+    server: ThreadedAssociationServer, settings: Settings, shared: SharedLimits | None
+) -> ThreadedAssociationServer:
     """The guard's connection budgets from the settings (set before the server takes its first connection)."""
     if isinstance(server, GuardedServer):
         server.per_address_limit = settings.node.max_connections_per_address
         server.pending_limit = settings.node.max_pending_connections
+        server.shared = shared
     return server
 
 

@@ -55,6 +55,7 @@ class NodeSettings:
     release_grace_s: float = 2.0
     complete_on_declared_count: bool = True  # released with as many instances as it declares: complete at once
     prompt_wake: bool = True  # pynetdicom's polling threads wake on work, not only every 1 ms (dicom_node/wake.py)
+    receivers: int = 1  # processes serving the DICOM port(s) together (SO_REUSEPORT; dicom_node/receivers.py)
     routes_file: Path = DEFAULT_ROUTES_FILE
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
@@ -286,6 +287,7 @@ def _node(get: _Get) -> NodeSettings:
         release_grace_s=get("RELEASE_GRACE_S", parse.positive(float), d.release_grace_s),
         complete_on_declared_count=get("COMPLETE_ON_DECLARED_COUNT", parse.boolean, d.complete_on_declared_count),
         prompt_wake=get("PROMPT_WAKE", parse.boolean, d.prompt_wake),
+        receivers=get("RECEIVERS", parse.positive(int), d.receivers),
         routes_file=get("ROUTES_FILE", parse.existing_file, d.routes_file),
         metrics_host=get("METRICS_HOST", str.strip, d.metrics_host),
         metrics_port=get("METRICS_PORT", parse.port, d.metrics_port),
