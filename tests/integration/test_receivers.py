@@ -278,3 +278,13 @@ def _stop_nodes() -> Iterator[None]:
     while _RUNNING:
         process = _RUNNING.pop()
         process.stop()
+
+
+def test_the_receivers_die_with_the_node(tmp_path: Path) -> None:
+    """kill -9 of the node process: its receivers go too (else they would keep taking associations for a dead node,
+    and a restarted node would share the port with them)."""
+    node = _make(tmp_path)
+    receivers = node.receivers()
+    os.kill(node.pid, signal.SIGKILL)
+    node.process.popen.wait(timeout=10)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in receivers), 10, "the receivers to end")
