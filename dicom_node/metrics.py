@@ -33,6 +33,14 @@ INSTANCES = Counter(
     "pacsai_instances_received", "C-STORE requests answered, by outcome", ["outcome"], registry=REGISTRY
 )
 ASSOCIATIONS = Counter("pacsai_associations", "Associations requested, by result", ["result"], registry=REGISTRY)
+RECEIVERS = Gauge(
+    "pacsai_receivers",
+    "Processes listening on the DICOM port (PACSAI_RECEIVERS, fewer while one restarts)",
+    registry=REGISTRY,
+)
+RECEIVER_RESTARTS = Counter(
+    "pacsai_receiver_restarts", "Receiver processes that ended by themselves and were started again", registry=REGISTRY
+)
 PEER_REACHABLE = Gauge(
     "pacsai_peer_reachable",
     "1 when the peer answered our last C-ECHO (E7) or DICOMweb check, else 0",

@@ -16,7 +16,7 @@ from dicom_node import stream_to_disk
 from dicom_node.assemble import Assembler
 from dicom_node.audit_gaps import audit_unrecorded
 from dicom_node.echo_peers import watch_peers
-from dicom_node.metrics import peer_recorder, serve_metrics
+from dicom_node.metrics import RECEIVERS, peer_recorder, serve_metrics
 from dicom_node.receive import Associations, serve
 from dicom_node.receivers import Receivers
 from dicom_node.reconcile import Queues, purge_expired, recover_spool, requeue_lost, resume_orphaned, resume_waiting
@@ -50,6 +50,7 @@ class RunningNode:
             self.receivers.stop()
         for server in self.servers:
             server.shutdown()
+        RECEIVERS.dec()
         self.assembler.stop()
         self.state.close()
         self.trail.record(audit.application(self.settings, started=False))
@@ -105,6 +106,7 @@ def start_node(settings: Settings) -> RunningNode:
     if receivers is not None:  # they listen first: once this process listens too, new connections spread at once
         receivers.start()
     servers = serve(settings, state, spool, associations, on_released=released, trail=trail, shared=shared)
+    RECEIVERS.inc()  # this process listens too
     if settings.node.metrics_port:
         start_metrics(settings, state, app, rules)
     assembler.start()

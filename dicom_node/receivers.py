@@ -38,7 +38,7 @@ from billiard.util import set_pdeathsig
 
 from dicom_node import stream_to_disk
 from dicom_node.guard import GuardedServer
-from dicom_node.metrics import ASSOCIATIONS, INSTANCES
+from dicom_node.metrics import ASSOCIATIONS, INSTANCES, RECEIVER_RESTARTS, RECEIVERS
 from dicom_node.shared_limits import SharedLimits
 from dicom_node.tls import TlsServer
 from pacsai import logs
@@ -133,6 +133,7 @@ class Receivers:
             self._forget(receiver)
             if self._stopping.is_set():
                 return
+            RECEIVER_RESTARTS.inc()
             log.error(
                 "receiver %d (pid %d) ended with exit code %s; starting it again",
                 receiver.index,
@@ -149,6 +150,7 @@ class Receivers:
                 return
             if kind == "ready":
                 receiver.ready.set()
+                RECEIVERS.inc()
             elif kind == "open":
                 with self._lock:
                     receiver.open_series = frozenset(payload)
@@ -159,6 +161,9 @@ class Receivers:
                     _COUNTED[name].labels(**labels).inc(delta)
 
     def _forget(self, receiver: _Receiver) -> None:
+        if receiver.ready.is_set():
+            RECEIVERS.dec()
+        receiver.ready.clear()
         self._shared.clear(receiver.index)
         with self._lock:
             receiver.open_series = frozenset()

@@ -80,7 +80,7 @@ def test_prometheus_scrapes_node_and_workers_by_job() -> None:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", str(PROMETHEUS / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:

@@ -84,8 +84,9 @@ class Node:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
         wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
         for line in text.splitlines():
-            if line.startswith(f"{name}{{{wanted}}} "):
+            if line.startswith(prefix):
                 return float(line.split()[-1])
         return 0.0
 
@@ -225,6 +226,8 @@ def test_a_receiver_killed_mid_transfer_is_started_again_and_keeps_what_it_ackno
     wait_until(lambda: node.receivers() and node.receivers() != [victim], 30, "the receiver to be started again")
     wait_until(lambda: not any(incoming.glob("incoming-*")), 10, "the partial file to be removed")
     assert "starting it again" in node.process.log()
+    wait_until(lambda: node.metric("pacsai_receivers") == 2, 30, "both receivers counted again")
+    assert node.metric("pacsai_receiver_restarts_total") == 1
 
     assert on_node.is_established  # the node's association is unaffected and still stores
     assert int(on_node.send_c_store(dcmread(paths[3])).Status) == 0x0000
