@@ -97,15 +97,22 @@ def pacs_request(port: int, ct: Path, *, store: bool) -> str:
 
 
 @pytest.mark.catalogue("N8", "N9")
+@pytest.mark.parametrize(("receivers", "pending"), [("1", "16"), ("2", "8")])
 def test_idle_and_reconnecting_sockets_from_two_addresses_never_lock_the_pacs_out(
-    stack: Callable[..., Stack], shared: Path
+    stack: Callable[..., Stack], shared: Path, receivers: str, pending: str
 ) -> None:
     """2 addresses x 12 idle sockets, reconnecting when closed and churning, for 15 s; the PACS (dcmtk) echoes and
-    stores every 0.25 s from a third address: every request succeeds. The pending budget (16) is under the 24 idle
-    sockets, so the oldest are closed to make room, and the associations limit (16) counts only the PACS's."""
+    stores every 0.25 s from a third address: every request succeeds. The pending budget (16; with 2 receiver
+    processes 8 each) is under the 24 idle sockets, so the oldest are closed to make room, and the associations limit
+    (16, across the processes) counts only the PACS's."""
     need("echoscu"), need("storescu")
     ct = shared / "dicom" / "dcm_qa_ct" / "GE_head_tilt" / "01.dcm"
-    node = stack(peers="PACS@127.0.0.1:104", PACSAI_MAX_PENDING_CONNECTIONS="16", PACSAI_MAX_ASSOCIATIONS="16")
+    node = stack(
+        peers="PACS@127.0.0.1:104",
+        PACSAI_MAX_PENDING_CONNECTIONS=pending,
+        PACSAI_MAX_ASSOCIATIONS="16",
+        PACSAI_RECEIVERS=receivers,
+    )
     node.start("node")
     outcomes: list[tuple[str, float]] = []
     with contextlib.ExitStack() as attack:

@@ -358,9 +358,12 @@ def test_query_retrieve_and_n_services_are_not_offered(make_node: Callable[..., 
 
 
 @pytest.mark.catalogue("A4")
-def test_dcmtk_and_pynetdicom_store_over_mutual_tls(make_node: Callable[..., Node], pki: Pki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("receivers", ["1", "2"])  # 2: either process may take each connection, TLS port included
+def test_dcmtk_and_pynetdicom_store_over_mutual_tls(
+    make_node: Callable[..., Node], pki: Pki, tmp_path: Path, receivers: str
+) -> None:
     need("storescu"), need("echoscu")
-    node = make_node(**tls_env(pki))
+    node = make_node(**tls_env(pki), receivers=receivers)
     tls = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
     subprocess.run(
         ["echoscu", *tls, "-aet", "STORESCU", "-aec", "PACSAI", "127.0.0.1", str(node.tls_port)],
@@ -510,8 +513,9 @@ def _storescp_tls(workdir: Path, tls: list[str]) -> tuple[Any, int, Path]:
 
 
 @pytest.mark.catalogue("A9")
+@pytest.mark.parametrize("receivers", ["1", "2"])  # 2: a receiver process audits as the node does
 def test_instances_are_audited_per_study_and_association_and_the_cli_filters(
-    make_node: Callable[..., Node], tmp_path: Path
+    make_node: Callable[..., Node], tmp_path: Path, receivers: str
 ) -> None:
     syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     syslog.bind(("127.0.0.1", 0))
@@ -522,6 +526,7 @@ def test_instances_are_audited_per_study_and_association_and_the_cli_filters(
         complete_on_declared_count="false",
         quiet_period_s="300",
         release_grace_s="300",
+        receivers=receivers,
     )
     good = dcmread(CT_SMALL)
     bad = dcmread(CT_SMALL)
