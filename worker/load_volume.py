@@ -34,6 +34,7 @@ from pacsai.errors import StudyRejected
 from pacsai.storage import intact, judge_intact
 from worker.slices import NotASlice, Slice, check_image, frames, single
 from worker.volume import Volume, release_freed_memory
+from worker.volume_memory import empty_volume
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def _decode_all(slices: Sequence[Slice]) -> NDArray[np.float32]:
     once decoded: at most one slice's temporaries exist besides the volume.
     """
     if not slices[0].frame:
-        array = np.empty((len(slices), int(slices[0].ds.Rows), int(slices[0].ds.Columns)), dtype=np.float32)
+        array = empty_volume((len(slices), int(slices[0].ds.Rows), int(slices[0].ds.Columns)))
         for k, s in enumerate(slices):
             _decode_into(s.ds, array[k])
             del s.ds.PixelData
@@ -307,7 +308,7 @@ def _decode_all(slices: Sequence[Slice]) -> NDArray[np.float32]:
         stored = stored[None]
     if stored.shape != (int(slices[0].ds.NumberOfFrames), int(slices[0].ds.Rows), int(slices[0].ds.Columns)):
         raise SeriesNotLoadable(f"decoded image has shape {stored.shape}, expected frames x rows x columns")
-    array = np.empty((len(slices), *stored.shape[1:]), dtype=np.float32)
+    array = empty_volume((len(slices), *stored.shape[1:]))
     for k, s in enumerate(slices):
         slope, intercept = s.rescale or (1.0, 0.0)
         array[k] = stored[s.frame - 1].astype(np.float64) * slope + intercept
