@@ -43,15 +43,17 @@ def encode_seg(
     omit_empty_frames: bool = True,
     revision: int = 1,
     replaces_earlier: bool = False,
+    labels: Sequence[Label] | None = None,
 ) -> hd.seg.Segmentation:
     """One BINARY segment per label present, one frame per source slice that holds it (every slice when
     omit_empty_frames is false: a destination profile's choice), aligned with the source.
 
     Segment numbers run 1..n over the present labels in ascending label number (see `present_labels`).
     From `revision` 2 on the descriptions carry "v<n>", and with `replaces_earlier` say that this result replaces
-    an earlier one: a SEG has no attribute naming its predecessor (the SR has, see encode_sr).
+    an earlier one: a SEG has no attribute naming its predecessor (the SR has, see encode_sr). `labels`: the present
+    labels when the caller has counted them already (encode_sr.measure_labels), else they are counted here.
     """
-    labels = present_labels(volume, label_map, spec)
+    labels = tuple(labels) if labels is not None else present_labels(volume, label_map, spec)
     if not labels:
         raise NothingFound(f"model {spec.name}: the label map holds no label")
     name = f"AI {spec.name} {spec.version}"

@@ -125,13 +125,16 @@ def encode_sr(
     revision: int = 1,
     predecessor: Dataset | None = None,
     ood: tuple[float, float] | None = None,
+    stats: Sequence[LabelStats] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report with one group per spec label: a TID 1411 group per SEG segment, a 0 mL TID 1501 group otherwise.
 
     `seg` is None when encode_seg raised NothingFound; the report then says 0 mL for every label.
     `predecessor` is the reference to the SR this one supersedes (predecessor_of), `revision` this result's number.
+    `stats`: measure_labels' result when the caller has it already (it also gave encode_seg its labels).
     """
-    groups = _groups(seg, volume, measure_labels(volume, label_map, spec), spec, uids)
+    measured = stats if stats is not None else measure_labels(volume, label_map, spec)
+    groups = _groups(seg, volume, measured, spec, uids)
     if ood is not None:  # the model's OOD score and threshold (worker/screen.py)
         groups.append(ood_group(ood, volume.datasets[0], spec, uids))
     modality = str(volume.datasets[0].Modality)
@@ -273,6 +276,7 @@ def encode_classification_sr(
     revision: int = 1,
     predecessor: Dataset | None = None,
     ood: tuple[float, float] | None = None,
+    stats: Sequence[LabelStats] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report with one TID 1501 group on the source image: the finding Present/Absent (qualitative
     evaluation), the probability and the decision threshold (UCUM "1"), all by the model as observer device.

@@ -232,6 +232,7 @@ def _encode_segmentation(
 ) -> list[Dataset]:
     started = time.monotonic()
     uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), model.spec.name, model.spec.version, options.revision)
+    stats = encode_sr.measure_labels(volume, label_map, model.spec)  # one pass: the SR's figures and the SEG's labels
     try:
         seg: hd.seg.Segmentation | None = encode_seg.encode_seg(
             volume,
@@ -242,6 +243,7 @@ def _encode_segmentation(
             omit_empty_frames=options.omit_empty_frames,
             revision=options.revision,
             replaces_earlier=options.supersedes is not None,
+            labels=[measured.label for measured in stats],
         )
     except encode_seg.NothingFound:
         log.info("model found no segment in this series; the SR goes alone")
@@ -256,6 +258,7 @@ def _encode_segmentation(
         revision=options.revision,
         predecessor=encode_sr.predecessor_of(options.supersedes, volume.datasets[0].StudyInstanceUID),
         ood=scored,
+        stats=stats,
     )
     results: list[Dataset] = [ds for ds in (seg, sr) if ds is not None]
     if options.overlays and seg is not None and volume.frame_numbers:
