@@ -21,6 +21,7 @@ from models.preprocess import RAS_LABELS, scale_intensity, to_ras_image
 from models.registry import LoadedModel
 from models.spec import Preprocessing
 from pacsai.errors import ModelError
+from worker.resample_axes import resample_along_axes
 from worker.volume import Volume, release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def prepare(image: MetaTensor, pre: Preprocessing) -> MetaTensor:
 
     MONAI's Orientation flips a copy of the volume and its Spacing makes more (in float64 by default). Here both
     run lazily, only to compute the target grid (affine and shape) exactly as they would, and one trilinear
-    `grid_sample` reads the volume where it lies (MONAI's AffineTransform, as Spacing uses it). Same grid, same
+    `grid_sample` reads the volume where it lies (MONAI's AffineTransform, as Spacing uses it); when the grid lies
+    along the scanner's axes, one linear pass per axis does the same (worker/resample_axes.py). Same grid, same
     values to float32 rounding; the intensity window follows as in preprocess.
     """
     oriented = Orientation(axcodes="RAS", labels=RAS_LABELS, lazy=True)(image)
@@ -66,11 +68,15 @@ def prepare(image: MetaTensor, pre: Preprocessing) -> MetaTensor:
     size = [int(n) for n in pending.peek_pending_shape()]  # type: ignore[no-untyped-call]
     source = image.affine.to(torch.float64)
     to_source = torch.linalg.solve(source, target)  # target voxel → source voxel
-    resample = AffineTransform(
-        normalized=False, mode="bilinear", padding_mode="border", align_corners=False, reverse_indexing=True
-    )
     with torch.no_grad():
-        grid = resample(image.as_tensor()[None], theta=to_source.to(torch.float32), spatial_size=size)[0]
+        along_axes = resample_along_axes(image.as_tensor()[0], to_source, size)  # a grid in the scanner's axes
+        if along_axes is not None:
+            grid = along_axes[None]
+        else:
+            resample = AffineTransform(
+                normalized=False, mode="bilinear", padding_mode="border", align_corners=False, reverse_indexing=True
+            )
+            grid = resample(image.as_tensor()[None], theta=to_source.to(torch.float32), spatial_size=size)[0]
     return scale_intensity(MetaTensor(grid, affine=target), pre)
 
 
