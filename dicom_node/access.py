@@ -174,7 +174,7 @@ class Gatekeeper:
     def _admit(self, assoc: Any) -> AssociationRefusal | None:
         """N8: count the association against PACSAI_MAX_ASSOCIATIONS, or refuse it transient (2, 3, 2)."""
         limit = self._settings.node.max_associations
-        with self._lock, self._shared.lock if self._shared is not None else contextlib.nullcontext():
+        with self._lock, self._shared.locked() if self._shared is not None else contextlib.nullcontext():
             self._admitted = {key: other for key, other in self._admitted.items() if socket_open(other)}
             elsewhere = self._shared.associations_elsewhere() if self._shared is not None else 0
             if len(self._admitted) + elsewhere >= limit:
@@ -191,7 +191,7 @@ class Gatekeeper:
 
     def closed(self, event: evt.Event) -> None:
         """The connection closed: its association no longer counts."""
-        with self._lock, self._shared.lock if self._shared is not None else contextlib.nullcontext():
+        with self._lock, self._shared.locked() if self._shared is not None else contextlib.nullcontext():
             self._admitted.pop(id(event.assoc), None)
             self._publish()
 

@@ -151,7 +151,7 @@ class GuardedServer(ThreadedAssociationServer):
         if self.shared is None:
             yield
             return
-        with self.shared.lock:
+        with self.shared.locked():
             try:
                 yield
             finally:

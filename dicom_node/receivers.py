@@ -164,6 +164,7 @@ class Receivers:
         if receiver.ready.is_set():
             RECEIVERS.dec()
         receiver.ready.clear()
+        self._shared.recover()
         self._shared.clear(receiver.index)
         with self._lock:
             receiver.open_series = frozenset()

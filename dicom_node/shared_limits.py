@@ -8,11 +8,15 @@ a receiver that died.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+log = logging.getLogger(__name__)
 ADDRESS_SLOTS = 256  # distinct source addresses one receiver publishes (more: the ones holding most connections)
+LOCK_WAIT_S = 5.0  # the lock is held for microseconds: longer means its holder died (see SharedLimits.recover)
 
 
 def _address_hash(address: str) -> int:
@@ -31,6 +35,27 @@ class SharedLimits:
         self._associations = context.RawArray("i", receivers)
         self._hashes = context.RawArray("Q", receivers * ADDRESS_SLOTS)
         self._counts = context.RawArray("i", receivers * ADDRESS_SLOTS)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the shared lock to decide on a limit; if it cannot be had within LOCK_WAIT_S (a receiver killed while
+        holding it, before the node freed it), decide without it rather than stop taking connections."""
+        acquired = self.lock.acquire(timeout=LOCK_WAIT_S)
+        if not acquired:
+            log.error("the receivers' shared lock was not free within %.0f s; deciding without it", LOCK_WAIT_S)
+        try:
+            yield
+        finally:
+            if acquired:
+                self.lock.release()
+
+    def recover(self) -> None:
+        """After a receiver died: free the lock if it died holding it (nothing else holds it for a second)."""
+        if self.lock.acquire(timeout=1.0):
+            self.lock.release()
+        else:
+            self.lock.release()
+            log.warning("a receiver died holding the shared lock; freed it")
 
     def associations_elsewhere(self) -> int:
         return int(sum(self._associations) - self._associations[self.index])
@@ -64,7 +89,7 @@ class SharedLimits:
 
     def clear(self, index: int) -> None:
         """A receiver died: nothing it held counts any more."""
-        with self.lock:
+        with self.locked():
             self._associations[index] = 0
             for slot in range(index * ADDRESS_SLOTS, (index + 1) * ADDRESS_SLOTS):
                 self._counts[slot] = 0

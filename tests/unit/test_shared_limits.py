@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+from typing import Any
 
+import pytest
+
+from dicom_node import shared_limits
 from dicom_node.shared_limits import ADDRESS_SLOTS, SharedLimits
 
 
@@ -48,3 +53,30 @@ def test_more_addresses_than_slots_publish_the_busiest() -> None:
     limits.index = 1
     assert limits.connections_elsewhere("10.9.9.9") == 7
     assert sum(limits.connections_elsewhere(address) for address in held) == 7 + ADDRESS_SLOTS - 1
+
+
+def _die_holding(lock: Any) -> None:
+    lock.acquire()
+    os._exit(0)  # killed while holding it, as kill -9 would leave it
+
+
+def test_a_lock_left_held_by_a_dead_receiver_is_freed_and_never_stops_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    limits = SharedLimits(2, context)
+    process = context.Process(target=_die_holding, args=(limits.lock,))
+    process.start()
+    process.join(timeout=30)
+    monkeypatch.setattr(shared_limits, "LOCK_WAIT_S", 0.1)
+    with limits.locked():  # held by the dead process: decided without it, with an error in the log
+        limits.publish_associations(1)
+    assert "not free" in caplog.text
+    limits.recover()  # what the node does when a receiver ends
+    assert "freed it" in caplog.text
+    caplog.clear()
+    with limits.locked():
+        pass
+    assert caplog.text == ""
+    limits.recover()  # a free lock stays free
+    assert limits.lock.acquire(timeout=1)
