@@ -23,6 +23,7 @@ from models.spec import Preprocessing
 from pacsai.errors import ModelError
 from worker.resample_axes import resample_along_axes
 from worker.volume import Volume, release_freed_memory
+from worker.volume_memory import empty_labels
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,11 @@ def map_back(
     for axis in range(3):  # one axis at a time: each lookup copies rows of bytes, the last one writes the result
         grid = int(grid_axis[axis])
         position = linear[grid, axis] * np.arange(source_shape[axis]) + to_grid[grid, 3]
-        index = np.floor(position + 0.5).astype(np.intp) + 1
-        labels = np.take(labels, np.clip(index, 0, labels.shape[axis] - 1), axis=axis)
-    return np.ascontiguousarray(labels)
+        index = np.clip(np.floor(position + 0.5).astype(np.intp) + 1, 0, labels.shape[axis] - 1)
+        shape = (*labels.shape[:axis], len(index), *labels.shape[axis + 1 :])
+        out = empty_labels(shape) if axis == 2 else None  # the result: into the last label map's memory
+        labels = np.take(labels, index, axis=axis, out=out, mode="clip")  # clipped already: "clip" adds no buffer
+    return labels
 
 
 def _map_back_by_slice(
