@@ -101,11 +101,9 @@ class Receivers:
         with self._lock:
             return set().union(*(receiver.open_series for receiver in self._receivers))
 
-    def pids(self) -> list[int]:
-        return [receiver.process.pid for receiver in self._receivers if receiver.process is not None]
-
     def stop(self) -> None:
-        self._stopping.set()
+        with self._lock:  # no receiver is started after this
+            self._stopping.set()
         for receiver in self._receivers:
             if receiver.process is not None and receiver.process.is_alive():
                 receiver.process.terminate()  # SIGTERM: the receiver stops listening and ends its associations
@@ -117,7 +115,7 @@ class Receivers:
 
     def _keep(self, receiver: _Receiver) -> None:
         """This thread starts the receiver (it dies with this thread: PDEATHSIG), hears it, and restarts it."""
-        while not self._stopping.is_set():
+        while True:
             ours, theirs = self._context.Pipe(duplex=False)
             process = self._context.Process(
                 target=serve_as_receiver,
@@ -125,10 +123,16 @@ class Receivers:
                 name=f"pacsai-receiver-{receiver.index}",
                 daemon=True,
             )
-            process.start()
+            with self._lock:
+                if self._stopping.is_set():
+                    ours.close()
+                    theirs.close()
+                    return
+                process.start()
+                receiver.process = process
             theirs.close()
-            receiver.process = process
             self._hear(receiver, ours)
+            ours.close()
             process.join()
             self._forget(receiver)
             if self._stopping.is_set():
