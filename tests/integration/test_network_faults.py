@@ -359,8 +359,9 @@ def test_a_valid_pdu_type_with_a_garbage_body_is_aborted(when: str, node: Node, 
 def test_one_association_over_the_limit_is_rejected_transient_and_running_transfers_complete(
     make_node: Callable[..., Node], ct_file: Path
 ) -> None:
-    # a long quiet period: the series must not complete (and, with no model, be cleaned) between the stores
-    node = make_node(max_associations="2", pdu_deadline_s=30.0, quiet_period_s="300")
+    # a long quiet period and release grace: the series must not complete (and, with no model, be cleaned) between
+    # the stores, also when the third store comes more than the default grace after the first two released
+    node = make_node(max_associations="2", pdu_deadline_s=30.0, quiet_period_s="300", release_grace_s="300")
     scu = AE(ae_title="GOOD")
     scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 10
     scu.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
