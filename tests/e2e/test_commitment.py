@@ -138,10 +138,15 @@ def test_a_commitment_pending_when_the_node_stops_is_completed_after_its_restart
     _ended_job(pacsai.data, {JobState.RUNNING, JobState.ENCODED})  # before the delivery and its request
     node.stop()
     job_id = _ended_job(pacsai.data, {JobState.DELIVERED})
-    state = State(pacsai.data / "pacsai.db")
-    try:
-        assert {i.status for i in state.result_instances(job_id)} == {Confirmation.PENDING}  # the report was lost
-    finally:
-        state.close()
+
+    def confirmations() -> set[Confirmation]:  # the request is recorded just after the job is marked delivered
+        state = State(pacsai.data / "pacsai.db")
+        try:
+            return {i.status for i in state.result_instances(job_id)}
+        finally:
+            state.close()
+
+    wait_until(confirmations, 10, "the commitment request's instances")
+    assert confirmations() == {Confirmation.PENDING}  # the report was lost
     pacsai.start("node", workdir=tmp_path / "node-again")
     _ended_job(pacsai.data, {JobState.COMMITTED})
