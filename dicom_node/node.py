@@ -18,7 +18,7 @@ from dicom_node.audit_gaps import audit_unrecorded
 from dicom_node.echo_peers import watch_peers
 from dicom_node.metrics import RECEIVERS, peer_recorder, serve_metrics
 from dicom_node.receive import Associations, serve
-from dicom_node.receivers import Receivers
+from dicom_node.receivers import Receivers, incoming_dir
 from dicom_node.reconcile import Queues, purge_expired, recover_spool, requeue_lost, resume_orphaned, resume_waiting
 from dicom_node.route import Rule, load_rules
 from dicom_node.shared_limits import SharedLimits
@@ -29,7 +29,7 @@ from pacsai.celery_app import create_app
 from pacsai.enqueue import broker_diagnosis, broker_queues, enqueue_delivery, enqueue_job, queue_depth, queue_depths
 from pacsai.settings import Settings
 from pacsai.state import State
-from pacsai.storage import Spool, protect_tree
+from pacsai.storage import Spool, protect_tree, receiving_spool
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +126,11 @@ def start_node(settings: Settings) -> RunningNode:
 
 def prepare_data_dir(settings: Settings) -> Spool:
     """The spool, checked writable (S5), with private modes and no partial transfers left from the last run."""
-    spool = Spool(
-        settings.storage.spool_dir, settings.log_key, reserve_bytes=settings.storage.spool_reserve_mb * 1024 * 1024
-    )
+    spool = receiving_spool(settings)
     spool.check_writable()  # S5: a read-only or unwritable spool stops the node here, naming the directory
     if changed := protect_tree(settings.storage.data_dir):  # folders 0700, files 0600 (data of older releases)
         log.warning("made %d file(s) and folder(s) in the data directory private to this user", changed)
-    incoming = settings.storage.data_dir / "incoming"
+    incoming = incoming_dir(settings, 0)
     if sum(stream_to_disk.remove_leftovers(folder) for folder in (incoming, *incoming.glob("r*"))):
         log.warning("removed partial instances of transfers cut off when the node last stopped")
     return spool

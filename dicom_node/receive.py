@@ -24,7 +24,7 @@ from dicom_node import commitment, fast_dimse, fast_recv, stream_to_disk, wake
 from dicom_node.access import AccessPolicy, Gatekeeper, requested_titles
 from dicom_node.guard import GuardedServer
 from dicom_node.metrics import INSTANCES
-from dicom_node.receivers import SharedPortServer, SharedPortTlsServer
+from dicom_node.receivers import SharedPortServer, SharedPortTlsServer, incoming_dir
 from dicom_node.shared_limits import SharedLimits
 from dicom_node.store_instance import Sender, store_received
 from dicom_node.store_instance import header_of as header_of  # where reconcile and tests import it
@@ -216,7 +216,7 @@ def serve(
         wake.install()
     stream_to_disk.stream_to_files(
         ae,
-        stream_to_disk.Policy(incoming or settings.storage.data_dir / "incoming", settings.node.max_instance_mb << 20),
+        stream_to_disk.Policy(incoming or incoming_dir(settings, 0), settings.node.max_instance_mb << 20),
     )
     servers = _start_servers(ae, settings, handlers, gate, shared)
     log.info(

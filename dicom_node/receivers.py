@@ -213,7 +213,7 @@ def serve_as_receiver(settings: Settings, index: int, connection: Connection, sh
     from dicom_node.receive import Associations, serve  # here: the node process imports this module from receive's
     from pacsai import audit
     from pacsai.state import State
-    from pacsai.storage import Spool
+    from pacsai.storage import receiving_spool
 
     shared.index = index
     reporter = _Reporter(connection)
@@ -223,9 +223,7 @@ def serve_as_receiver(settings: Settings, index: int, connection: Connection, sh
     incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
     stream_to_disk.remove_leftovers(incoming)
     state = State(settings.storage.database)
-    spool = Spool(
-        settings.storage.spool_dir, settings.log_key, reserve_bytes=settings.storage.spool_reserve_mb * 1024 * 1024
-    )
+    spool = receiving_spool(settings)
 
     def released(series_keys: list[str]) -> None:
         state.mark_released(series_keys)

@@ -302,3 +302,8 @@ def protect_tree(root: Path) -> int:
 def outbox_for(settings: Settings, job_id: str) -> Path:
     """The job's results folder: `<outbox>/<job id>` (job ids are hashes of our keys, never UIDs)."""
     return settings.storage.outbox_dir / job_id
+
+
+def receiving_spool(settings: Settings) -> Spool:
+    """The spool as instances are received into it: the free disk under PACSAI_SPOOL_RESERVE_MB refuses them."""
+    return Spool(settings.storage.spool_dir, settings.log_key, reserve_bytes=settings.storage.spool_reserve_mb << 20)

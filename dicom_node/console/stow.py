@@ -27,13 +27,14 @@ from dicom_node.console.app import Console
 from dicom_node.console.auth import check_password
 from dicom_node.metrics import INSTANCES
 from dicom_node.multipart_in import DICOM, Part, PartsToFiles, UnsupportedMedia, boundary_of
+from dicom_node.receivers import incoming_dir
 from dicom_node.store_instance import Received, Sender, store_received
 from dicom_node.validate import TOO_LARGE
 from pacsai import audit, dimse
 from pacsai.audit import EventOutcome
 from pacsai.console_db import User
 from pacsai.logs import key_of
-from pacsai.storage import InvalidUid, Spool, check_uid
+from pacsai.storage import InvalidUid, check_uid, receiving_spool
 
 log = logging.getLogger(__name__)
 ROOT = "/dicom-web"
@@ -48,10 +49,9 @@ class Stow:
     def __init__(self, console: Console) -> None:
         settings = console.settings
         self.console, self.settings = console, settings
-        reserve = settings.storage.spool_reserve_mb * 1024 * 1024
-        self.spool = Spool(settings.storage.spool_dir, settings.log_key, reserve_bytes=reserve)
+        self.spool = receiving_spool(settings)
         self.tokens = URLSafeTimedSerializer(console.sessions.key, salt="pacsai-stow-token")
-        self.incoming = settings.storage.data_dir / "incoming"
+        self.incoming = incoming_dir(settings, 0)
 
     async def user(self, request: Request, *, bearer: bool = True) -> User | Response:
         """The authenticated user who may send, or the response refusing the request."""
