@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,11 +174,10 @@ class Gatekeeper:
     def _admit(self, assoc: Any) -> AssociationRefusal | None:
         """N8: count the association against PACSAI_MAX_ASSOCIATIONS, or refuse it transient (2, 3, 2)."""
         limit = self._settings.node.max_associations
-        with self._lock, self._shared.locked() if self._shared is not None else contextlib.nullcontext():
+        with self._lock, self._published():
             self._admitted = {key: other for key, other in self._admitted.items() if socket_open(other)}
             elsewhere = self._shared.associations_elsewhere() if self._shared is not None else 0
             if len(self._admitted) + elsewhere >= limit:
-                self._publish()
                 return AssociationRefusal(
                     REJECTED_TRANSIENT,
                     SERVICE_PROVIDER_PRESENTATION,
@@ -186,18 +185,25 @@ class Gatekeeper:
                     f"local limit exceeded ({limit} associations open)",
                 )
             self._admitted[id(assoc)] = assoc
-            self._publish()
         return None
 
     def closed(self, event: evt.Event) -> None:
         """The connection closed: its association no longer counts."""
-        with self._lock, self._shared.locked() if self._shared is not None else contextlib.nullcontext():
+        with self._lock, self._published():
             self._admitted.pop(id(event.assoc), None)
-            self._publish()
 
-    def _publish(self) -> None:
-        if self._shared is not None:
-            self._shared.publish_associations(len(self._admitted))
+    @contextlib.contextmanager
+    def _published(self) -> Iterator[None]:
+        """As the guard's: with several receiver processes, decide under their shared lock, then publish how many
+        associations this process holds (call with the lock held)."""
+        if self._shared is None:
+            yield
+            return
+        with self._shared.locked():
+            try:
+                yield
+            finally:
+                self._shared.publish_associations(len(self._admitted))
 
     def accepted(self, event: evt.Event) -> None:
         calling, called = requested_titles(event)
