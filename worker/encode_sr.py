@@ -276,7 +276,6 @@ def encode_classification_sr(
     revision: int = 1,
     predecessor: Dataset | None = None,
     ood: tuple[float, float] | None = None,
-    stats: Sequence[LabelStats] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report with one TID 1501 group on the source image: the finding Present/Absent (qualitative
     evaluation), the probability and the decision threshold (UCUM "1"), all by the model as observer device.
