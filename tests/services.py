@@ -235,19 +235,13 @@ def start_orthanc(
 
 def start_storescp(workdir: Path, ae_title: str = "STORESCP", port: int = 0) -> tuple[Process, int, Path]:
     """dcmtk storescp as a stand-in PACS; received files land in workdir/received."""
+    port = port or free_port()
     received = workdir / "received"
     received.mkdir(parents=True, exist_ok=True)
-    attempts = 1 if port else 3  # a free port can be taken before storescp binds it (tests churn ephemeral ports)
-    for attempt in range(1, attempts + 1):
-        chosen = port or free_port()
-        argv = [require_binary("storescp"), "-aet", ae_title, "-od", str(received), "+xa", str(chosen)]
-        proc = spawn("storescp", argv, workdir, {"TCP_NODELAY": "1"})
-        wait_until(lambda: port_open(chosen) or proc.popen.poll() is not None, 20, "storescp")  # noqa: B023
-        if proc.popen.poll() is None or attempt == attempts:
-            break
-    if proc.popen.poll() is not None:
-        raise RuntimeError(f"storescp did not listen on port {chosen}: {proc.log()[-1000:]}")
-    return proc, chosen, received
+    argv = [require_binary("storescp"), "-aet", ae_title, "-od", str(received), "+xa", str(port)]
+    proc = spawn("storescp", argv, workdir, {"TCP_NODELAY": "1"})
+    wait_until(lambda: port_open(port), 20, "storescp")
+    return proc, port, received
 
 
 def pacsai_env(data_dir: Path, *, port: int, peers: str, broker_url: str = "", **extra: str) -> dict[str, str]:
