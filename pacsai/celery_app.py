@@ -10,7 +10,7 @@ from celery import Celery
 from pacsai.enqueue import DELIVER_QUEUE, DELIVER_TASK, INFER_QUEUE, INFER_TASK
 from pacsai.settings import Settings
 
-ON_DISK_POLL_S = 0.1
+ON_DISK_POLL_S = 0.05
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -29,8 +29,9 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
         "processed_folder": str(folder / "processed"),
         "store_processed": False,
         "control_folder": str(folder / "control"),
-        # kombu lists the folder this often when it found nothing (default 1 s): a job or a delivery waited 0.5 s
-        # on average to be picked up; a listing of a near-empty folder costs microseconds
+        # kombu lists the folder this often when it found nothing (default 1 s: a job or a delivery waited 0.5 s on
+        # average to be picked up). Each job takes two hops (infer, deliver): 0.05 s waits 0.05 s per job on average
+        # for 1.6 % of one core while idle (0.1 s: 1.15 %; 0.02 s: 2.85 %, measured with `pacsai run`)
         "polling_interval": ON_DISK_POLL_S,
     }
 
