@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.services import SHARED, Process, free_port, pacsai_env, port_open, require_binary, start_pacsai
+from tests.services import DIMSE_STATUS, SHARED, Process, free_port, pacsai_env, port_open, require_binary, start_pacsai
 
 CORPUS = SHARED / "dicom"
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "corpus-report.md"
@@ -29,7 +29,6 @@ COMMAND = ".venv/bin/python scripts/corpus_report.py"
 NODE_AE = "PACSAI"
 _SPLIT = {"pydicom", "dcm_qa_ct"}  # folders whose subfolders are separate sources (see the corpus README)
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
-_STATUS = re.compile(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})")
 _CONTEXT = re.compile(r"Context ID:\s+\d+ \((?P<result>[^)]+)\)")
 _REFUSED = re.compile(r"refused instance from (?P<ae>\S+): (?P<reason>.*?)(?: \(0x[0-9A-F]{4}\))?$")
 _NEGOTIATING = ("Proposed", "Accepted")
@@ -138,7 +137,7 @@ def send_storescu(path: Path, calling_ae: str, port: int, config: Path, profile:
     except subprocess.TimeoutExpired:
         return Sent("storescu", None, "storescu timed out")
     output = (run.stdout + run.stderr).decode("utf-8", "replace")
-    match = _STATUS.search(output)
+    match = DIMSE_STATUS.search(output)
     if match:
         return Sent("storescu", int(match.group(1), 16), exit_code=run.returncode)
     rejected = [m.group("result") for m in _CONTEXT.finditer(output) if m.group("result") not in _NEGOTIATING]

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,28 @@ def send_folder(port: int, folder: Path, *, calling: str = "STORESCU", called: s
         timeout=120,
         capture_output=True,
     )
+
+
+DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})")  # a reply's status in storescu's -d output
+
+
+def store_statuses(
+    port: int, files: Sequence[Path], *, calling: str, called: str = "PACSAI", propose: str = "-xv"
+) -> list[int]:
+    """dcmtk storescu: `files` in order on one association, carrying on after a refusal; the status of each reply.
+    `propose`: storescu's transfer syntax option (-xv: JPEG 2000 lossless and the uncompressed ones).
+
+    For tests that assert the status of every C-STORE: a pynetdicom SCU sometimes loses a fast reply (its reactor
+    thread can take the reply off the queue before send_c_store waits for it, cf. pydicom/pynetdicom#875) and then
+    waits out its DIMSE timeout."""
+    run = subprocess.run(
+        [require_binary("storescu"), "-d", "-nh", propose, "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        timeout=300,
+        capture_output=True,
+    )
+    output = (run.stdout + run.stderr).decode("utf-8", "replace")
+    return [int(code, 16) for code in DIMSE_STATUS.findall(output)]
 
 
 def files_arrived(inbox: Path, count: int, timeout_s: float = 300) -> list[Path]:

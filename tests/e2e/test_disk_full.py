@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
 
 from pacsai.jobs import JobState
 from pacsai.state import State
 from pacsai.storage import write_atomic
 from tests.checks import reuid_series
 from tests.conftest import IN_CI
-from tests.services import free_port, pacsai_env, start_pacsai, supervised, wait_until
+from tests.services import (
+    free_port,
+    pacsai_env,
+    require_binary,
+    start_pacsai,
+    store_statuses,
+    supervised,
+    wait_until,
+)
 from tests.stack import Stack, StoreScpPacs
 
 pytestmark = [pytest.mark.e2e]
@@ -58,14 +65,12 @@ def test_spool_fills_mid_study(reserve_mb: int, case: str, small_spool: Path, tm
     files = sorted(ct_series.iterdir())
     with supervised() as processes:
         processes.append(start_pacsai("node", tmp_path, env))
-        ae = AE(ae_title="MODALITY")
-        ae.dimse_timeout = 120
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", dcmread(files[0]).file_meta.TransferSyntaxUID)
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", port, ae_title="PACSAI")
-        statuses = [int(assoc.send_c_store(dcmread(path)).Status) for path in files]
-        assert int(assoc.send_c_echo().Status) == 0x0000  # the node still serves
-        assoc.release()
+        statuses = store_statuses(port, files, calling="MODALITY")
+        assert len(statuses) == len(files)
+        echo = subprocess.run(
+            [require_binary("echoscu"), "-aet", "MODALITY", "-aec", "PACSAI", "127.0.0.1", str(port)], timeout=30
+        )
+        assert echo.returncode == 0  # the node still serves
         accepted = statuses.count(0x0000)
         assert 0 < accepted < len(files), case
         assert set(statuses) == {0x0000, 0xA700}
