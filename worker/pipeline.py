@@ -413,6 +413,6 @@ def _write(outbox: Path, datasets: Sequence[Dataset], *, reserve_bytes: int) -> 
 
 
 def _to_bytes(dataset: Dataset) -> bytes:
-    from worker import seg_bytes  # what save_as writes; a SEG's per-frame groups framed faster (seg_bytes)
+    from worker import result_bytes  # what save_as writes; a SEG's per-frame groups and an SR's content framed faster
 
-    return seg_bytes.to_bytes(dataset)
+    return result_bytes.to_bytes(dataset)

@@ -1,16 +1,20 @@
-"""Step 7's file bytes: a result dataset as pydicom writes it, a SEG's per-frame functional groups written faster.
+"""Step 7's file bytes: a result dataset as pydicom writes it, a SEG's per-frame functional groups and an SR's
+content tree written faster.
 
 pydicom writes each of a SEG's ~8 nested items per frame on its own (~7,000 datasets for 855 frames), yet most are
 one object shared by many frames (a source slice's reference and position serve every segment's frame of that
-slice; the derivation code serves all). Here PerFrameFunctionalGroupsSequence is encoded bottom-up with each distinct
-item encoded once (memoised by identity: one object, one encoding). Every element that is not a sequence is still
-written by pydicom's own `write_data_element` (a plain int or str value once per tag, VR and value), except UL and
-US values of plain ints, packed here as its write_numbers packs them; this module otherwise only frames items and
-sequences the way pydicom does (explicit VR little endian: item tag + 4-byte length, or undefined length +
-delimiter; the same for SQ). The rest of the file (preamble, meta, other elements, pixel data) is pydicom's
-`save_as`/`write_dataset`. A dataset this framing does not cover (another transfer syntax, items read from a file, as
-highdicom copies an enhanced source's plane positions, ambiguous VRs, a nested character set) is written by `save_as`
-alone. tests/unit/test_seg_fast.py checks that the bytes equal `save_as`'s.
+slice; the derivation code serves all). An SR's ~2,700 content items repeat a few dozen codes and share the Image
+Library's equal descriptors (worker/image_library.py). Here the one top-level sequence that holds them
+(PerFrameFunctionalGroupsSequence, else ContentSequence) is encoded bottom-up with each distinct item encoded once
+(memoised by identity: one object, one encoding). Every element that is not a sequence is still written by pydicom's
+own `write_data_element` (a plain int or str value once per tag, VR and value), except UL and US values of plain
+ints, packed here as its write_numbers packs them; this module otherwise only frames items and sequences the way
+pydicom does (explicit VR little endian: item tag + 4-byte length, or undefined length + delimiter; the same for SQ).
+The rest of the file (preamble, meta, other elements, pixel data) is pydicom's `save_as`/`write_dataset`. A dataset
+this framing does not cover (another transfer syntax, items read from a file, as highdicom copies an enhanced
+source's plane positions, ambiguous VRs, a nested character set) is written by `save_as` alone. An item marked as
+read in explicit VR little endian with its character set unchanged (encode_sr's written_as_built) is one pydicom
+writes as it holds it, as here. tests/unit/test_result_bytes.py checks that the bytes equal `save_as`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR
 
-PER_FRAME_TAG = BaseTag(0x52009230)  # PerFrameFunctionalGroupsSequence
+FRAMED_TAGS = (BaseTag(0x52009230), BaseTag(0x0040A730))  # PerFrameFunctionalGroupsSequence, ContentSequence
+_AS_WRITTEN = (None, None), (False, True)  # made here, or marked as read in explicit VR little endian
 _CHARSET_TAG = BaseTag(0x00080005)
 _NUMBER_CODES = {"UL": "I", "US": "H"}  # struct codes write_numbers uses for these VRs
 _UNDEFINED = b"\xff\xff\xff\xff"
@@ -44,29 +49,30 @@ class _NotCovered(Exception):
 
 def to_bytes(ds: Dataset) -> bytes:
     """The file `ds.save_as(..., enforce_file_format=True)` writes, byte for byte."""
-    if not _covered(ds):
+    framed_tag = next((tag for tag in FRAMED_TAGS if tag in ds), None)
+    if framed_tag is None or not _covered(ds):
         return _saved(ds)
-    rest = Dataset({element.tag: element for element in ds.elements() if element.tag != PER_FRAME_TAG})
+    rest = Dataset({element.tag: element for element in ds.elements() if element.tag != framed_tag})
     correct_ambiguous_vr(rest, True)  # the pass save_as makes over the top level, with the same ancestors
-    per_frame = per_frame_groups(ds)
-    if per_frame is None:
+    framed = framed_sequence(ds, framed_tag)
+    if framed is None:
         return _saved(ds)
-    head = Dataset({element.tag: element for element in rest.elements() if element.tag < PER_FRAME_TAG})
+    head = Dataset({element.tag: element for element in rest.elements() if element.tag < framed_tag})
     head.file_meta, head.preamble = ds.file_meta, getattr(ds, "preamble", None)
     buffer = BytesIO()
     head.save_as(buffer, enforce_file_format=True)
-    buffer.write(per_frame)
+    buffer.write(framed)
     tail = DicomFileLike(buffer)
     tail.is_little_endian, tail.is_implicit_VR = True, False
-    after = Dataset({element.tag: element for element in rest.elements() if element.tag > PER_FRAME_TAG})
+    after = Dataset({element.tag: element for element in rest.elements() if element.tag > framed_tag})
     write_dataset(tail, after, parent_encoding=_encodings(ds))
     return buffer.getvalue()
 
 
-def per_frame_groups(ds: Dataset) -> bytes | None:
-    """The PerFrameFunctionalGroupsSequence element as encoded in to_bytes' file; None where the framing does not
-    reproduce pydicom's (no such element, read from a file, an ambiguous VR or a character set inside)."""
-    element = ds.get_item(PER_FRAME_TAG)
+def framed_sequence(ds: Dataset, tag: BaseTag = FRAMED_TAGS[0]) -> bytes | None:
+    """The top-level sequence `tag` as encoded in to_bytes' file; None where the framing does not reproduce
+    pydicom's (no such element, read from a file, an ambiguous VR or a character set inside)."""
+    element = ds.get_item(tag)
     if not isinstance(element, DataElement):
         return None
     try:
@@ -87,14 +93,15 @@ def _saved(ds: Dataset) -> bytes:
 
 
 def _covered(ds: Dataset) -> bool:
-    """Made in this process (not read), explicit VR little endian, per-frame groups, pixels of defined length."""
+    """Made in this process (or marked as written), explicit VR little endian, pixels (if any) of defined length."""
     meta = getattr(ds, "file_meta", None)
     pixels = ds.get_item(BaseTag(0x7FE00010))
     return (
         meta is not None
         and meta.get("TransferSyntaxUID") == ExplicitVRLittleEndian
-        and ds.original_encoding == (None, None)
-        and PER_FRAME_TAG in ds
+        and ds.original_encoding in _AS_WRITTEN
+        and not _recoded(ds)
+        and not isinstance(pixels, RawDataElement)  # read from a file
         and not (pixels is not None and pixels.is_undefined_length)
     )
 
@@ -120,7 +127,7 @@ class _Framing:
         known = self.items.get(id(item))
         if known is not None:
             return known
-        if item.original_encoding != (None, None) or _CHARSET_TAG in item:
+        if item.original_encoding not in _AS_WRITTEN or _CHARSET_TAG in item or _recoded(item):
             raise _NotCovered
         body = b"".join(self.element(item.get_item(tag)) for tag in sorted(item.keys()) if not _group_length(tag))
         if getattr(item, "is_undefined_length_sequence_item", False):
@@ -178,6 +185,11 @@ def _leaf_key(element: DataElement) -> tuple[object, ...]:
 
 def _items(element: DataElement) -> Iterable[Dataset]:
     return element.value if element.value else ()
+
+
+def _recoded(item: Dataset) -> bool:
+    """pydicom's write_dataset would convert this read item (its character set changed since): not framed here."""
+    return item.original_encoding != (None, None) and item.original_character_set != item._character_set
 
 
 def _group_length(tag: BaseTag) -> bool:

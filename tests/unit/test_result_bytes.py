@@ -1,4 +1,5 @@
-"""worker.seg_bytes: a SEG's file bytes are exactly what pydicom's save_as writes, its per-frame groups framed here."""
+"""worker.result_bytes: a SEG's and an SR's file bytes are exactly what pydicom's save_as writes, their per-frame groups
+and content framed here."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from pydicom.uid import ImplicitVRLittleEndian
 from models.spec import Code, Label, ModelSpec
 from tests.checks import dciodvfy_errors, read_strict, segmentation_spec, to_bytes
 from worker.encode_seg import encode_seg, value_counts
+from worker.encode_sr import encode_sr
 from worker.load_volume import load_series
-from worker.seg_bytes import per_frame_groups
-from worker.seg_bytes import to_bytes as fast_bytes
+from worker.result_bytes import FRAMED_TAGS, framed_sequence
+from worker.result_bytes import to_bytes as fast_bytes
 from worker.uids import output_uids
 from worker.volume import Volume
 
@@ -76,7 +78,7 @@ def enhanced_mr() -> Volume:
 
 def _assert_fast_and_identical(seg: Dataset) -> bytes:
     """The per-frame groups took the fast framing, and the file equals save_as's byte for byte."""
-    framed = per_frame_groups(seg)
+    framed = framed_sequence(seg)
     assert framed is not None
     data = fast_bytes(seg)
     assert data == to_bytes(seg)
@@ -163,17 +165,48 @@ def test_what_the_framing_does_not_cover_is_written_by_save_as(ct: Volume) -> No
     ambiguous.PerFrameFunctionalGroupsSequence[0].FrameContentSequence[0].add(
         DataElement(0x00281101, "US or SS", b"\x00\x01\x00\x00\x10\x00")  # RedPaletteColorLookupTableDescriptor
     )
-    assert per_frame_groups(ambiguous) is None
+    assert framed_sequence(ambiguous) is None
     assert fast_bytes(ambiguous) == to_bytes(copy.deepcopy(ambiguous))
     charset = copy.deepcopy(seg)
     charset.PerFrameFunctionalGroupsSequence[0].SpecificCharacterSet = "ISO_IR 100"
-    assert per_frame_groups(charset) is None and fast_bytes(charset) == to_bytes(charset)
+    assert framed_sequence(charset) is None and fast_bytes(charset) == to_bytes(charset)
     read = read_strict(to_bytes(seg))
     assert fast_bytes(read) == to_bytes(read)
     implicit = copy.deepcopy(seg)
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     assert fast_bytes(implicit) == to_bytes(implicit)
     assert fast_bytes(ct.datasets[0]) == to_bytes(ct.datasets[0])  # no per-frame groups at all
+
+
+def _sr(volume: Volume) -> Dataset:
+    spec = _spec(LIVER, SPLEEN, KIDNEY)
+    uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), spec.name, spec.version)
+    seg = encode_seg(volume, _labels(volume), spec, uids, software_version="0.1.0")
+    return encode_sr(seg, volume, _labels(volume), spec, uids, software_version="0.1.0", ood=(1.5, 2.0))
+
+
+def test_ct_sr_bytes_equal_save_as(ct: Volume) -> None:
+    """The SR's content tree (marked as written by encode_sr, UTF-8 label names) takes the framing; same file."""
+    sr = _sr(ct)
+    framed = framed_sequence(sr, FRAMED_TAGS[1])
+    assert framed is not None
+    data = fast_bytes(sr)
+    assert data == to_bytes(sr) and framed in data
+    back = read_strict(data)
+    (library,) = [item for item in back.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    entries = [item for item in library.ContentSequence[0].ContentSequence if item.ValueType == "IMAGE"]
+    assert len(entries) == len(ct.datasets)
+    assert LIVER.name in data.decode("utf-8", "replace")
+
+
+def test_an_sr_whose_character_set_changed_is_written_by_save_as(ct: Volume) -> None:
+    """Items marked as written in one character set are re-encoded by pydicom once it changes: not framed here."""
+    sr = copy.deepcopy(_sr(ct))
+    sr.ContentSequence[0].SpecificCharacterSet = "ISO_IR 100"  # a nested character set
+    assert framed_sequence(sr, FRAMED_TAGS[1]) is None and fast_bytes(sr) == to_bytes(sr)
+    recoded = _sr(ct)
+    recoded.SpecificCharacterSet = "ISO_IR 100"  # the top level's: pydicom re-encodes the marked datasets
+    assert fast_bytes(recoded) == to_bytes(recoded)
 
 
 def test_fast_bytes_pass_dciodvfy(ct: Volume, tmp_path: Path) -> None:
