@@ -17,19 +17,27 @@ from pynetdicom.dsutils import split_dataset
 from dicom_node.send import send_files
 from pacsai.settings import Peer
 from tests.conftest import need
-from tests.services import Process, free_port, port_open, spawn, wait_until
+from tests.services import free_port, port_open, spawn, wait_until
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))  # explicit VR little endian
 
 
-def _storescp(workdir: Path, *accept: str) -> tuple[Process, int, Path]:
+def _send_to_storescp(workdir: Path, monkeypatch: pytest.MonkeyPatch, *accept: str) -> tuple[list[object], Path]:
+    """CT_SMALL sent to a storescp started with the `accept` options: what send_c_store was given, the stored file."""
     received = workdir / "received"
     received.mkdir(parents=True)
     port = free_port()
     argv = [need("storescp"), "-aet", "PACS", "-od", str(received), *accept, str(port)]
     proc = spawn("storescp", argv, workdir, {"TCP_NODELAY": "1"})
-    wait_until(lambda: port_open(port), 20, "storescp")
-    return proc, port, received
+    payloads = _sent(monkeypatch)
+    try:
+        wait_until(lambda: port_open(port), 20, "storescp")
+        results = send_files([CT_SMALL], Peer("PACS", "127.0.0.1", port), calling_ae="PACSAI")
+    finally:
+        proc.stop()
+    assert [r.code for r in results] == [0x0000]
+    (stored,) = [p for p in received.iterdir() if p.is_file()]
+    return payloads, stored
 
 
 def _data_set_bytes(path: Path) -> bytes:
@@ -53,15 +61,8 @@ def _sent(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 def test_a_file_in_an_accepted_syntax_goes_byte_for_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert dcmread(CT_SMALL).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    proc, port, received = _storescp(tmp_path, "+xa", "+B")  # +B: stores the data set as received
-    payloads = _sent(monkeypatch)
-    try:
-        results = send_files([CT_SMALL], Peer("PACS", "127.0.0.1", port), calling_ae="PACSAI")
-    finally:
-        proc.stop()
-    assert [r.code for r in results] == [0x0000]
+    payloads, stored = _send_to_storescp(tmp_path, monkeypatch, "+xa", "+B")  # +B: stores the data set as received
     assert payloads == [CT_SMALL]  # the path: pynetdicom streams the file
-    (stored,) = [p for p in received.iterdir() if p.is_file()]
     assert dcmread(stored).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert _data_set_bytes(stored) == _data_set_bytes(CT_SMALL)
 
@@ -69,15 +70,8 @@ def test_a_file_in_an_accepted_syntax_goes_byte_for_byte(tmp_path: Path, monkeyp
 def test_a_file_the_peer_takes_only_in_implicit_vr_is_converted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proc, port, received = _storescp(tmp_path, "+xi")  # storescp: implicit VR little endian only
-    payloads = _sent(monkeypatch)
-    try:
-        results = send_files([CT_SMALL], Peer("PACS", "127.0.0.1", port), calling_ae="PACSAI")
-    finally:
-        proc.stop()
-    assert [r.code for r in results] == [0x0000]
+    payloads, stored = _send_to_storescp(tmp_path, monkeypatch, "+xi")  # storescp: implicit VR little endian only
     assert len(payloads) == 1 and isinstance(payloads[0], Dataset)  # read whole, encoded by pynetdicom
-    (stored,) = [p for p in received.iterdir() if p.is_file()]
     ours, theirs = dcmread(CT_SMALL), dcmread(stored)
     assert theirs.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     assert theirs.SOPInstanceUID == ours.SOPInstanceUID and theirs.PixelData == ours.PixelData
