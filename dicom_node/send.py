@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -42,7 +44,8 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.5.4 "Refused: SOP Class not supporte
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 JPEG_QUALITY = 90
 HEADER_ONLY = "1 MB"  # read for negotiation: larger values (the pixel data) stay on disk, present but not loaded
-_config.STORE_SEND_CHUNKED_DATASET = True  # send_c_store(path) streams the file; we pass a path only to send as is
+_STREAMING = threading.Lock()
+_streaming_sends = 0  # our send_c_store(path) calls in progress in this process
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,28 @@ def send_files(
     return results
 
 
+@contextmanager
+def _streamed(on: bool) -> Iterator[None]:
+    """pynetdicom streams send_c_store(path) from the file only while its process-wide STORE_SEND_CHUNKED_DATASET is
+    set (and then never converts the transfer syntax). It is set only while at least one of our streamed sends runs,
+    back to pynetdicom's default (off) after the last, so that a path given to send_c_store anywhere else in the
+    process (nothing of ours does, tests do) is read whole and converted as pynetdicom does by default."""
+    global _streaming_sends
+    if not on:
+        yield
+        return
+    with _STREAMING:
+        _streaming_sends += 1
+        _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        with _STREAMING:
+            _streaming_sends -= 1
+            if not _streaming_sends:
+                _config.STORE_SEND_CHUNKED_DATASET = False
+
+
 def association_failure(assoc: Association, peer: Peer, *, tls: bool = False) -> PeerUnavailable | PeerRefused:
     """Why an association did not start: a permanent A-ASSOCIATE-RJ (called AE unknown, …) is PeerRefused and not
     retried; a transient one (local limit exceeded, congestion), an abort or no connection is PeerUnavailable."""
@@ -135,7 +160,8 @@ def _store(assoc: Association, path: Path, ds: Dataset, peer: Peer) -> SendResul
     elif accepted[0] != ds.file_meta.TransferSyntaxUID:
         payload = dcmread(path)  # pynetdicom converts between the uncompressed syntaxes
     started = time.monotonic()
-    reply = assoc.send_c_store(payload)
+    with _streamed(isinstance(payload, Path)):
+        reply = assoc.send_c_store(payload)
     if "Status" not in reply:  # DIMSE timeout (pynetdicom aborts the association then), abort, closed connection
         waited_s, limit_s = time.monotonic() - started, float(assoc.dimse_timeout or 0)
         timed_out = bool(limit_s) and waited_s >= limit_s * 0.95

@@ -11,6 +11,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 
@@ -63,6 +64,7 @@ def test_a_file_in_an_accepted_syntax_goes_byte_for_byte(tmp_path: Path, monkeyp
     assert dcmread(CT_SMALL).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     payloads, stored = _send_to_storescp(tmp_path, monkeypatch, "+xa", "+B")  # +B: stores the data set as received
     assert payloads == [CT_SMALL]  # the path: pynetdicom streams the file
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # pynetdicom's default again for any other caller
     assert dcmread(stored).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert _data_set_bytes(stored) == _data_set_bytes(CT_SMALL)
 
