@@ -114,12 +114,24 @@ def _local_port(assoc: Association) -> int:
     return int(sock.getsockname()[1])
 
 
+def _associate_when_free(node: Node) -> Association:
+    """An association with the node. The slot of an extra association released just before is freed when the
+    node's thread for it ends, a moment after the release (PACSAI_MAX_ASSOCIATIONS counts it until then): a
+    transient rejection in that moment is tried again."""
+    for _ in range(50):
+        assoc = _scu().associate("127.0.0.1", node.port, ae_title="PACSAI")
+        if assoc.is_established:
+            return assoc
+        assert assoc.is_rejected, "the node neither accepted nor rejected the association"
+        time.sleep(0.05)
+    raise AssertionError("the node rejected every association for 2.5 s")
+
+
 def associations_on_both(node: Node, count: int = 2) -> dict[int, Association]:
     """One established association owned by each of the two processes (extra ones are released)."""
     held: dict[int, Association] = {}
     for _ in range(40):
-        assoc = _scu().associate("127.0.0.1", node.port, ae_title="PACSAI")
-        assert assoc.is_established
+        assoc = _associate_when_free(node)
         owner = wait_until(partial(node.owner, _local_port(assoc)), 10, "the connection's owner", 0.05)
         if owner in held:
             assoc.release()
