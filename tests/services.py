@@ -234,12 +234,15 @@ def start_orthanc(
     return orthanc
 
 
-def start_storescp(workdir: Path, ae_title: str = "STORESCP", port: int = 0) -> tuple[Process, int, Path]:
-    """dcmtk storescp as a stand-in PACS; received files land in workdir/received."""
+def start_storescp(
+    workdir: Path, ae_title: str = "STORESCP", port: int = 0, options: Sequence[str] = ("+xa",)
+) -> tuple[Process, int, Path]:
+    """dcmtk storescp as a stand-in PACS; received files land in workdir/received. `options`: storescp's own (by
+    default +xa: every transfer syntax accepted)."""
     port = port or free_port()
     received = workdir / "received"
     received.mkdir(parents=True, exist_ok=True)
-    argv = [require_binary("storescp"), "-aet", ae_title, "-od", str(received), "+xa", str(port)]
+    argv = [require_binary("storescp"), "-aet", ae_title, "-od", str(received), *options, str(port)]
     proc = spawn("storescp", argv, workdir, {"TCP_NODELAY": "1"})
     wait_until(lambda: port_open(port), 20, "storescp")
     return proc, port, received

@@ -18,21 +18,17 @@ from pynetdicom.dsutils import split_dataset
 from dicom_node.send import send_files
 from pacsai.settings import Peer
 from tests.conftest import need
-from tests.services import free_port, port_open, spawn, wait_until
+from tests.services import start_storescp
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))  # explicit VR little endian
 
 
-def _send_to_storescp(workdir: Path, monkeypatch: pytest.MonkeyPatch, *accept: str) -> tuple[list[object], Path]:
-    """CT_SMALL sent to a storescp started with the `accept` options: what send_c_store was given, the stored file."""
-    received = workdir / "received"
-    received.mkdir(parents=True)
-    port = free_port()
-    argv = [need("storescp"), "-aet", "PACS", "-od", str(received), *accept, str(port)]
-    proc = spawn("storescp", argv, workdir, {"TCP_NODELAY": "1"})
+def _send_to_storescp(workdir: Path, monkeypatch: pytest.MonkeyPatch, *options: str) -> tuple[list[object], Path]:
+    """CT_SMALL sent to a storescp started with `options`: what send_c_store was given, and the stored file."""
+    need("storescp")
+    proc, port, received = start_storescp(workdir, "PACS", options=options)
     payloads = _sent(monkeypatch)
     try:
-        wait_until(lambda: port_open(port), 20, "storescp")
         results = send_files([CT_SMALL], Peer("PACS", "127.0.0.1", port), calling_ae="PACSAI")
     finally:
         proc.stop()
