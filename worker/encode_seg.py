@@ -12,7 +12,7 @@ import torch
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
 from models.spec import Code, Label, ModelSpec
 from pacsai.errors import ModelError, PacsaiError
@@ -134,6 +134,26 @@ def frame_position(volume: Volume, k: int) -> tuple[float, float, float]:
         groups = ds.SharedFunctionalGroupsSequence[0]
     x, y, z = (float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient)
     return x, y, z
+
+
+def seg_reference(volume: Volume, labels: Sequence[Label], uids: Mapping[str, str]) -> Dataset:
+    """What a report needs of the SEG that encode_seg makes from these labels and UIDs, without making it: its study,
+    series, SOP class and instance, and each segment's number and tracking UID (so the SR can be built beside the
+    SEG, worker/forked.py). tests/unit/test_parallel_encode.py checks the SR built from it equals the SR built from
+    the SEG itself."""
+    reference = Dataset()
+    reference.SOPClassUID = SegmentationStorage  # BINARY, as encode_seg makes it
+    reference.SOPInstanceUID = uids["seg_instance"]
+    reference.StudyInstanceUID = volume.datasets[0].StudyInstanceUID
+    reference.SeriesInstanceUID = uids["seg_series"]
+    items = []
+    for number, label in enumerate(labels, start=1):  # segment numbers as encode_seg gives them
+        item = Dataset()
+        item.SegmentNumber = number
+        item.TrackingUID = tracking_uid(uids, label)
+        items.append(item)
+    reference.SegmentSequence = items
+    return reference
 
 
 def reference_own_frames(seg: hd.seg.Segmentation, volume: Volume) -> hd.seg.Segmentation:

@@ -115,7 +115,7 @@ def _labelled(
 
 
 def encode_sr(
-    seg: hd.seg.Segmentation | None,
+    seg: Dataset | None,
     volume: Volume,
     label_map: NDArray[np.uint8],
     spec: ModelSpec,
@@ -129,7 +129,8 @@ def encode_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report with one group per spec label: a TID 1411 group per SEG segment, a 0 mL TID 1501 group otherwise.
 
-    `seg` is None when encode_seg raised NothingFound; the report then says 0 mL for every label.
+    `seg` is None when encode_seg raised NothingFound; the report then says 0 mL for every label. Only its header is
+    read (UIDs, SegmentSequence): encode_seg.seg_reference serves as well as the SEG itself.
     `predecessor` is the reference to the SR this one supersedes (predecessor_of), `revision` this result's number.
     `stats`: measure_labels' result when the caller has it already (it also gave encode_seg its labels).
     """
@@ -149,7 +150,7 @@ def encode_sr(
 
 
 def _groups(
-    seg: hd.seg.Segmentation | None,
+    seg: Dataset | None,
     volume: Volume,
     stats: Sequence[LabelStats],
     spec: ModelSpec,
@@ -209,7 +210,7 @@ def _device(spec: ModelSpec) -> hd.sr.ObserverContext:
 
 def _found_group(
     stats: LabelStats,
-    seg: hd.seg.Segmentation,
+    seg: Dataset,
     segments: Mapping[str, int],
     volume: Volume,
     spec: ModelSpec,

@@ -40,9 +40,11 @@ from worker import (
     encode_sc,
     encode_seg,
     encode_sr,
+    forked,
     infer,
     load_image,
     load_volume,
+    result_bytes,
     screen,
 )
 from worker.stage_clock import note as note_stage
@@ -233,6 +235,25 @@ def _encode_segmentation(
     started = time.monotonic()
     uids = output_uids(str(volume.datasets[0].SeriesInstanceUID), model.spec.name, model.spec.version, options.revision)
     stats = encode_sr.measure_labels(volume, label_map, model.spec)  # one pass: the SR's figures and the SEG's labels
+    labels = [measured.label for measured in stats]
+
+    def report(seg: Dataset | None) -> hd.sr.Comprehensive3DSR:
+        return encode_sr.encode_sr(
+            seg,
+            volume,
+            label_map,
+            model.spec,
+            uids,
+            software_version=SOFTWARE_VERSION,
+            revision=options.revision,
+            predecessor=encode_sr.predecessor_of(options.supersedes, volume.datasets[0].StudyInstanceUID),
+            ood=scored,
+            stats=stats,
+        )
+
+    # the SR only needs to know the SEG's UIDs and segments: it is built and serialised beside it, in a child process
+    reference = encode_seg.seg_reference(volume, labels, uids) if labels else None
+    child = forked.Child(lambda: result_bytes.to_bytes(report(reference)), "the SR")
     try:
         seg: hd.seg.Segmentation | None = encode_seg.encode_seg(
             volume,
@@ -243,23 +264,16 @@ def _encode_segmentation(
             omit_empty_frames=options.omit_empty_frames,
             revision=options.revision,
             replaces_earlier=options.supersedes is not None,
-            labels=[measured.label for measured in stats],
+            labels=labels,
         )
     except encode_seg.NothingFound:
         log.info("model found no segment in this series; the SR goes alone")
         seg = None
-    sr = encode_sr.encode_sr(
-        seg,
-        volume,
-        label_map,
-        model.spec,
-        uids,
-        software_version=SOFTWARE_VERSION,
-        revision=options.revision,
-        predecessor=encode_sr.predecessor_of(options.supersedes, volume.datasets[0].StudyInstanceUID),
-        ood=scored,
-        stats=stats,
-    )
+    except BaseException:
+        child.cancel()
+        raise
+    written = child.result()
+    sr = report(seg) if written is None else result_bytes.Written(written)
     results: list[Dataset] = [ds for ds in (seg, sr) if ds is not None]
     if options.overlays and seg is not None and volume.frame_numbers:
         log.warning("no SC overlays: drawing the frames of an enhanced multi-frame source is not supported")
@@ -413,6 +427,4 @@ def _write(outbox: Path, datasets: Sequence[Dataset], *, reserve_bytes: int) -> 
 
 
 def _to_bytes(dataset: Dataset) -> bytes:
-    from worker import result_bytes  # what save_as writes; a SEG's per-frame groups and an SR's content framed faster
-
-    return result_bytes.to_bytes(dataset)
+    return result_bytes.to_bytes(dataset)  # what save_as writes; a SEG's per-frame groups and an SR's content faster
