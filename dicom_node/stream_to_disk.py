@@ -5,8 +5,6 @@ returns. For the associations of our own AE that is an `IncomingFile`: it lives 
 to the spool, which then takes it by a rename), stops growing at PACSAI_MAX_INSTANCE_MB and survives a full disk, so
 the C-STORE handler can still answer with a status (0xC001, 0xA700) where pynetdicom would drop the association.
 The SHA-256 the spool records (S7) is computed here, as the bytes are written, so the file is not read again for it.
-The kernel is asked to start writing each part to disk as it arrives (pacsai.writeback), so the fsync before the
-success answer waits only for the tail.
 Other AEs in the same process (a test's fake PACS) get pynetdicom's own temporary file, as before.
 """
 
@@ -24,12 +22,9 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages
 
-from pacsai.writeback import start_writeback
-
 TOO_LARGE = "larger than PACSAI_MAX_INSTANCE_MB"
 WRITE_FAILED = "could not be written to disk"
 _PREFIX = "incoming-"
-WRITEBACK_BYTES = 128 * 1024  # writeback is started in parts of this size (smaller parts: more, smaller disk writes)
 _pynetdicom_file = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
 
 
@@ -45,7 +40,6 @@ class IncomingFile:
     def __init__(self, policy: Policy) -> None:
         self.file = self
         self.size = 0
-        self._queued = 0  # bytes already handed to the kernel's writeback
         self.problem = ""  # TOO_LARGE or WRITE_FAILED: the C-STORE handler refuses the instance
         self._max_bytes = policy.max_bytes
         self._handle: Any = None
@@ -77,9 +71,6 @@ class IncomingFile:
             return len(data)
         self._hash.update(data)
         self.size += len(data)
-        if self.size - self._queued >= WRITEBACK_BYTES:  # the disk starts on it now; the fsync waits for the rest
-            start_writeback(self._handle.fileno(), self._queued, self.size - self._queued)
-            self._queued = self.size
         return len(data)
 
     @property
