@@ -210,7 +210,7 @@ class StateCollector(Collector):
             return
         yield free
         reserve = GaugeMetricFamily("pacsai_spool_reserve_bytes", "Free space the node keeps (PACSAI_SPOOL_RESERVE_MB)")
-        reserve.add_metric([], storage.spool_reserve_mb * 1024 * 1024)
+        reserve.add_metric([], storage.spool_reserve_bytes)
         yield reserve
 
     def _workers(self) -> Iterator[GaugeMetricFamily]:

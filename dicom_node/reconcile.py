@@ -119,7 +119,7 @@ def _still_missing(resource: Resource, settings: Settings, free_bytes: Callable[
     """What is still missing ('' when the resource looks back)."""
     if resource is not Resource.DISK:
         return ""  # memory: the worker checks again; the broker: taking the message is the check
-    reserve = settings.storage.spool_reserve_mb << 20
+    reserve = settings.storage.spool_reserve_bytes
     free = free_bytes() if free_bytes is not None else shutil.disk_usage(settings.storage.data_dir).free
     if free >= reserve + max(reserve // 4, 1 << 20):
         return ""

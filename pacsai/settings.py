@@ -93,6 +93,11 @@ class StorageSettings:
     database_url: str = field(default="", repr=False)  # empty: SQLite file in data_dir; else postgresql://…
 
     @property
+    def spool_reserve_bytes(self) -> int:
+        """PACSAI_SPOOL_RESERVE_MB in bytes: the free disk kept for incoming instances."""
+        return self.spool_reserve_mb << 20
+
+    @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 

@@ -306,4 +306,4 @@ def outbox_for(settings: Settings, job_id: str) -> Path:
 
 def receiving_spool(settings: Settings) -> Spool:
     """The spool as instances are received into it: the free disk under PACSAI_SPOOL_RESERVE_MB refuses them."""
-    return Spool(settings.storage.spool_dir, settings.log_key, reserve_bytes=settings.storage.spool_reserve_mb << 20)
+    return Spool(settings.storage.spool_dir, settings.log_key, reserve_bytes=settings.storage.spool_reserve_bytes)

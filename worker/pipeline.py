@@ -365,10 +365,10 @@ def run(job: SeriesJob, settings: Settings, spool: Spool, *, fallback_overlays: 
         )
     except screen.NotEvaluated as refused:  # an outcome, not a failure: the report goes like any result
         reports = [refused.report] if profile.report_not_evaluated and refused.report is not None else []
-        files = _write(outbox_for(settings, job.job_id), reports, reserve_bytes=settings.storage.spool_reserve_mb << 20)
+        files = _write(outbox_for(settings, job.job_id), reports, reserve_bytes=settings.storage.spool_reserve_bytes)
         return Results(files=files, segments=0, not_evaluated=str(refused))
     started = time.monotonic()
-    files = _write(outbox_for(settings, job.job_id), datasets, reserve_bytes=settings.storage.spool_reserve_mb << 20)
+    files = _write(outbox_for(settings, job.job_id), datasets, reserve_bytes=settings.storage.spool_reserve_bytes)
     log.info("stage write: %d file(s) to the outbox in %.2f s", len(files), time.monotonic() - started)
     note_stage("encode", time.monotonic() - started)
     segments = sum(len(ds.SegmentSequence) for ds in datasets if ds.Modality == "SEG")
@@ -405,7 +405,7 @@ def write_overlays(job: SeriesJob, settings: Settings, spool: Spool) -> tuple[Pa
     if volume.frame_numbers:
         raise StudyRejected("SC overlays of an enhanced multi-frame source are not supported")
     overlays = encode_overlay.encode_seg_overlays(seg, volume)
-    return _write(outbox, overlays, reserve_bytes=settings.storage.spool_reserve_mb << 20)
+    return _write(outbox, overlays, reserve_bytes=settings.storage.spool_reserve_bytes)
 
 
 def _write(outbox: Path, datasets: Sequence[Dataset], *, reserve_bytes: int) -> tuple[Path, ...]:

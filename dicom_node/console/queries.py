@@ -64,7 +64,7 @@ def overview(
         failing=tuple((str(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in failing),
         peers=tuple(peers[name] for name in sorted(peers)),
         spool_free_bytes=free,
-        spool_reserve_bytes=settings.storage.spool_reserve_mb * 1024 * 1024,
+        spool_reserve_bytes=settings.storage.spool_reserve_bytes,
         workers=tuple(tables.workers_online(now)),
     )
 

@@ -102,7 +102,7 @@ class Stow:
             return Response(str(exc), 415)
         except InvalidUid:
             return Response("the study in the URL is not a valid UID", 400)
-        limit, reserve = self.settings.node.max_instance_mb << 20, self.settings.storage.spool_reserve_mb << 20
+        limit, reserve = self.settings.node.max_instance_mb << 20, self.settings.storage.spool_reserve_bytes
         parts = PartsToFiles(self.incoming, boundary, limit, reserve)
         try:
             async for chunk in request.stream():

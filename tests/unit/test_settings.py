@@ -16,6 +16,12 @@ def test_defaults_work_on_one_machine(tmp_path: Path) -> None:
     assert settings.queue.broker_url == "" and settings.node.quiet_period_s == 10.0
     assert settings.node.routes_file.is_file() and settings.worker.models_dir.is_dir()
     assert settings.storage.spool_dir == tmp_path / "spool"
+    assert settings.storage.spool_reserve_bytes == 1024 * 1024 * 1024  # PACSAI_SPOOL_RESERVE_MB's default, 1024
+
+
+def test_the_spool_reserve_is_given_in_megabytes(tmp_path: Path) -> None:
+    settings = Settings.from_env({"PACSAI_DATA_DIR": str(tmp_path), "PACSAI_SPOOL_RESERVE_MB": "64"})
+    assert settings.storage.spool_reserve_bytes == 64 * 1024 * 1024
 
 
 def test_peers_and_callers(tmp_path: Path) -> None:
