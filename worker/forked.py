@@ -7,7 +7,7 @@ into the worker's code, never touches torch, and dies with the worker (parent-de
 
 Anything but the complete bytes (the child failed, was killed, or is not done within the deadline after the parent
 asked) is None: the caller then does the work itself, so the result never depends on the child. Only on Linux with
-more than one usable core; elsewhere `start` runs nothing and `result` is None.
+more than one usable core; elsewhere no child is started and `result` is None.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _child(work: Callable[[], bytes], write: int, read: int, parent: int, what: 
         while view:
             view = view[os.write(write, view) :]
         code = 0
-    except BaseException:  # noqa: BLE001 - whatever happened, the parent does the work itself
-        log.exception("work in a child process failed")
+    except BaseException as exc:  # noqa: BLE001 - whatever happened, the parent does the work itself
+        log.error("%s in a child process failed (%s)", what, type(exc).__name__)  # the message may quote values
     finally:
         os._exit(code)

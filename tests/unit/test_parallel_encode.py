@@ -116,18 +116,28 @@ def test_a_childs_bytes_come_back_whole() -> None:
 
 
 @needs_fork
-def test_a_child_that_fails_or_stops_short_gives_nothing(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_child_that_fails_or_stops_short_gives_nothing_and_logs_no_value(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
     def raises() -> bytes:
-        raise ValueError("broken")
+        raise ValueError("Doe^Jane 19700101")  # as a pydicom error may quote a value
 
     def exits_without_a_word() -> bytes:
         os._exit(0)
 
-    with caplog.at_level(logging.WARNING, logger="worker.forked"):
-        assert forked.Child(raises, "raising").result() is None
-        assert forked.Child(exits_without_a_word, "silent").result() is None
+    to_stderr = logging.StreamHandler()  # the child logs through the handlers it inherits: here, this process' stderr
+    logging.getLogger("worker.forked").addHandler(to_stderr)
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.forked"):
+            assert forked.Child(raises, "raising").result() is None
+            assert forked.Child(exits_without_a_word, "silent").result() is None
+    finally:
+        logging.getLogger("worker.forked").removeHandler(to_stderr)
     assert "raising in a child process did not complete (status 1)" in caplog.text
     assert "silent in a child process did not complete (status 0)" in caplog.text
+    logged = capfd.readouterr().err
+    assert "raising in a child process failed (ValueError)" in logged
+    assert "Doe^Jane" not in logged and "19700101" not in logged
 
 
 @needs_fork
