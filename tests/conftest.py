@@ -10,6 +10,8 @@ import pytest
 
 from tests.services import SHARED, Process, ServiceMissing, require_binary, start_redis, start_storescp
 from tests.stack import Stack, StoreScpPacs, stack_env
+from worker.load_volume import load_series
+from worker.volume import Volume
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -36,6 +38,12 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def ct_series(shared: Path) -> Path:
     return shared / "dicom" / "totalsegmentator-ct-abdomen"
+
+
+@pytest.fixture(scope="module")
+def ct(ct_series: Path) -> Volume:
+    """That CT series loaded as the worker loads it (one per test module: a module may change it)."""
+    return load_series(sorted(ct_series.iterdir()))
 
 
 @pytest.fixture()

@@ -18,12 +18,10 @@ from models.spec import Code, Label
 from tests.checks import segmentation_spec
 from worker import encode_seg, forked, pipeline
 from worker.encode_sr import encode_sr, measure_labels
-from worker.load_volume import load_series
 from worker.result_bytes import Written, to_bytes
 from worker.uids import output_uids
 from worker.volume import Volume
 
-CT_SERIES = Path(__file__).resolve().parents[3] / "shared" / "dicom" / "totalsegmentator-ct-abdomen"
 ANATOMY = Code("123037004", "Anatomical Structure")
 LIVER = Label(1, "liver", ANATOMY, Code("10200004", "Liver"), (221, 130, 101))
 SPLEEN = Label(2, "spleen", ANATOMY, Code("78961009", "Spleen"), (157, 108, 162))
@@ -31,15 +29,6 @@ KIDNEY = Label(3, "kidney", ANATOMY, Code("64033007", "Kidney"), (185, 102, 83))
 SPEC = segmentation_spec(LIVER, SPLEEN, KIDNEY)
 TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
 needs_fork = pytest.mark.skipif(not forked.available(), reason="needs Linux and a second core")
-
-
-@pytest.fixture(scope="module")
-def ct() -> Volume:
-    if not CT_SERIES.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("the shared DICOM corpus is missing on the CI runner")
-        pytest.skip("the shared DICOM corpus is missing")
-    return load_series(sorted(CT_SERIES.iterdir()))
 
 
 def _labels(volume: Volume) -> NDArray[np.uint8]:

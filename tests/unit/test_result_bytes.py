@@ -27,7 +27,6 @@ from worker.uids import output_uids
 from worker.volume import Volume
 
 DICOM = Path(__file__).resolve().parents[3] / "shared" / "dicom"
-CT_SERIES = DICOM / "totalsegmentator-ct-abdomen"
 ENHANCED_MR = DICOM / "dcm_qa_enh" / "Philips" / "IM_0027_fMAP.dcm"
 ANATOMY = Code("123037004", "Anatomical Structure")
 LIVER = Label(1, "Leber (肝臓)", ANATOMY, Code("10200004", "Liver"), (221, 130, 101))  # non-ASCII: UTF-8 declared
@@ -62,12 +61,6 @@ def _seg(volume: Volume, *, omit_empty_frames: bool = True) -> Dataset:
     return encode_seg(
         volume, _labels(volume), spec, uids, software_version="0.1.0", omit_empty_frames=omit_empty_frames
     )
-
-
-@pytest.fixture(scope="module")
-def ct() -> Volume:
-    _need("the shared DICOM corpus", found=CT_SERIES.is_dir())
-    return load_series(sorted(CT_SERIES.iterdir()))
 
 
 @pytest.fixture(scope="module")

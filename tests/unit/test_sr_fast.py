@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -20,11 +18,9 @@ from tests.checks import read_strict, segmentation_spec, to_bytes
 from worker.encode_seg import encode_seg
 from worker.encode_sr import encode_sr, measure_labels
 from worker.image_library import image_library
-from worker.load_volume import load_series
 from worker.uids import output_uids
 from worker.volume import Volume
 
-CT_SERIES = Path(__file__).resolve().parents[3] / "shared" / "dicom" / "totalsegmentator-ct-abdomen"
 ANATOMY = Code("123037004", "Anatomical Structure")
 LABELS = (
     Label(1, "liver", ANATOMY, Code("10200004", "Liver"), (221, 130, 101)),
@@ -40,15 +36,6 @@ ORIENTATION = ("110904", "110905", "110906", "110907", "110908", "110909")
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
     return segmentation_spec(*LABELS)
-
-
-@pytest.fixture(scope="module")
-def ct() -> Volume:
-    if not CT_SERIES.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("the shared DICOM corpus is missing on the CI runner")
-        pytest.skip("the shared DICOM corpus is missing")
-    return load_series(sorted(CT_SERIES.iterdir()))
 
 
 def _synthetic(slices: int) -> tuple[Volume, NDArray[np.uint8]]:
