@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,3 +154,37 @@ def test_without_a_second_core_nothing_is_forked(monkeypatch: pytest.MonkeyPatch
     child = forked.Child(lambda: b"never", "nothing")
     assert child._pid == 0 and child.result() is None
     child.cancel()  # nothing to stop
+
+
+@needs_fork
+def test_the_child_dies_with_a_worker_killed_hard(tmp_path: Path) -> None:
+    """kill -9 of the worker process (the OOM killer, Celery's hard time limit) takes its encoding child with it."""
+    script = (
+        "import sys, time\n"
+        "from worker import forked\n"
+        "child = forked.Child(lambda: time.sleep(300) or b'', 'orphan')\n"
+        "print(child._pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
+    try:
+        assert worker.stdout is not None
+        pid = int(worker.stdout.readline())
+        assert _state(pid) not in ("", "Z")  # working
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 10
+    while _state(pid) not in ("", "Z") and time.monotonic() < deadline:  # gone, or dead and not yet reaped by init
+        time.sleep(0.05)
+    assert _state(pid) in ("", "Z")
+
+
+def _state(pid: int) -> str:
+    """The process' state letter from /proc ('' when there is no such process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
