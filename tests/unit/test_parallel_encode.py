@@ -157,6 +157,7 @@ def test_without_a_second_core_nothing_is_forked(monkeypatch: pytest.MonkeyPatch
 
 
 @needs_fork
+@pytest.mark.catalogue("W1", "W4")
 def test_the_child_dies_with_a_worker_killed_hard(tmp_path: Path) -> None:
     """kill -9 of the worker process (the OOM killer, Celery's hard time limit) takes its encoding child with it."""
     script = (
