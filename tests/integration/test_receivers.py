@@ -117,14 +117,26 @@ def _local_port(assoc: Association) -> int:
 def _associate_when_free(node: Node) -> Association:
     """An association with the node. The slot of an extra association released just before is freed when the
     node's thread for it ends, a moment after the release (PACSAI_MAX_ASSOCIATIONS counts it until then): a
-    transient rejection in that moment is tried again."""
+    transient rejection in that moment is tried again (as a rejection read as an abort, see _refused)."""
     for _ in range(50):
         assoc = _scu().associate("127.0.0.1", node.port, ae_title="PACSAI")
         if assoc.is_established:
             return assoc
-        assert assoc.is_rejected, "the node neither accepted nor rejected the association"
+        assert assoc.is_rejected or assoc.is_aborted, "the node neither accepted nor refused the association"
         time.sleep(0.05)
-    raise AssertionError("the node rejected every association for 2.5 s")
+    raise AssertionError("the node refused every association for 2.5 s")
+
+
+def _refused(node: Node) -> Association:
+    """An association request the node must reject. pynetdicom's requestor now and then takes the connection the node
+    closes after its A-ASSOCIATE-RJ for an abort (seen once in CI, as in pynetdicom#875): that request is made again,
+    and three aborts in a row fail."""
+    for _ in range(3):
+        assoc = _scu().associate("127.0.0.1", node.port, ae_title="PACSAI")
+        assert not assoc.is_established, "the node accepted an association over its limit"
+        if assoc.is_rejected:
+            return assoc
+    raise AssertionError("three association requests in a row were aborted, none rejected")
 
 
 def associations_on_both(node: Node, count: int = 2) -> dict[int, Association]:
@@ -181,8 +193,7 @@ def test_the_association_and_per_address_limits_count_both_receivers(tmp_path: P
     node = _make(tmp_path, PACSAI_MAX_ASSOCIATIONS="2", PACSAI_MAX_CONNECTIONS_PER_ADDRESS="3")
     held = associations_on_both(node)
     for _ in range(8):  # each attempt lands on either process
-        extra = _scu().associate("127.0.0.1", node.port, ae_title="PACSAI")
-        assert extra.is_rejected
+        extra = _refused(node)
         reply = extra.acceptor.primitive
         assert reply is not None and (reply.result, reply.result_source, reply.diagnostic) == (2, 3, 2)
     for assoc in held.values():
