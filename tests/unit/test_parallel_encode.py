@@ -108,7 +108,7 @@ def test_a_childs_bytes_come_back_whole() -> None:
 
 @needs_fork
 def test_a_child_that_fails_or_stops_short_gives_nothing_and_logs_no_value(
-    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     def raises() -> bytes:
         raise ValueError("Doe^Jane 19700101")  # as a pydicom error may quote a value
@@ -116,17 +116,18 @@ def test_a_child_that_fails_or_stops_short_gives_nothing_and_logs_no_value(
     def exits_without_a_word() -> bytes:
         os._exit(0)
 
-    to_stderr = logging.StreamHandler()  # the child logs through the handlers it inherits: here, this process' stderr
-    logging.getLogger("worker.forked").addHandler(to_stderr)
+    to_file = logging.FileHandler(tmp_path / "worker.log")  # the child logs through the handlers it inherits
+    logging.getLogger("worker.forked").addHandler(to_file)
     try:
         with caplog.at_level(logging.WARNING, logger="worker.forked"):
             assert forked.Child(raises, "raising").result() is None
             assert forked.Child(exits_without_a_word, "silent").result() is None
     finally:
-        logging.getLogger("worker.forked").removeHandler(to_stderr)
+        logging.getLogger("worker.forked").removeHandler(to_file)
+        to_file.close()
     assert "raising in a child process did not complete (status 1)" in caplog.text
     assert "silent in a child process did not complete (status 0)" in caplog.text
-    logged = capfd.readouterr().err
+    logged = (tmp_path / "worker.log").read_text()
     assert "raising in a child process failed (ValueError)" in logged
     assert "Doe^Jane" not in logged and "19700101" not in logged
 
