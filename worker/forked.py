@@ -102,22 +102,24 @@ def _read_all(fd: int, deadline: float) -> bytes | None:
 def _own_memory() -> str:
     """The child's private memory: its own allocations and the pages the parent has copied away from it since the
     fork, i.e. the memory the child adds to the worker's (the rest it shares with the parent)."""
-    try:
-        with open("/proc/self/smaps_rollup", encoding="ascii") as rollup:
-            fields = dict(line.split(":", 1) for line in rollup if ":" in line)
-        private_kb = sum(int(fields[name].split()[0]) for name in ("Private_Clean", "Private_Dirty"))
-    except (OSError, KeyError, ValueError, IndexError):
-        return "private memory unknown"
-    return f"{private_kb >> 10} MB private"
+    private_kb = _proc_kb("/proc/self/smaps_rollup", "Private_Clean", "Private_Dirty")
+    return "private memory unknown" if private_kb is None else f"{private_kb >> 10} MB private"
 
 
 def _rss_of(pid: int) -> str:
+    """The worker's resident memory, as the child finishes."""
+    resident_kb = _proc_kb(f"/proc/{pid}/status", "VmRSS")
+    return "the worker's memory unknown" if resident_kb is None else f"the worker then {resident_kb >> 10} MB resident"
+
+
+def _proc_kb(path: str, *names: str) -> int | None:
+    """The sum of the named "Name:   123 kB" fields of a /proc file, or None when it cannot be read."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            fields = dict(line.split(":", 1) for line in status if ":" in line)
-        return f"the worker then {int(fields['VmRSS'].split()[0]) >> 10} MB resident"
+        with open(path, encoding="ascii") as lines:
+            fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        return sum(int(fields[name].split()[0]) for name in names)
     except (OSError, KeyError, ValueError, IndexError):
-        return "the worker's memory unknown"
+        return None
 
 
 def _child(work: Callable[[], bytes], write: int, read: int, parent: int, what: str) -> None:
